@@ -1,0 +1,66 @@
+"""Tuning knobs, all in one place (frozen, keyword-only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import ConfigError
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class IOOptions:
+    """How ckptstore moves bytes. The defaults suit local NVMe and S3 alike.
+
+    Example::
+
+        mgr = CheckpointManager("/ckpt", io=IOOptions(threads=8, part_bytes=64 * MiB))
+    """
+
+    threads: int = 4
+    """Files written / ranges read in parallel per process (threads release the GIL during I/O)."""
+    file_bytes: int = 512 * MiB
+    """Target size of one shard file; a rank's data is spread over ``ceil(bytes / file_bytes)`` files,
+    at least ``min(threads, #tensors)`` when the data is larger than ``min_split_bytes``."""
+    chunk_bytes: int = 64 * MiB
+    """Tensors larger than this are split (along dim 0) into chunks that different ranks/files write."""
+    min_split_bytes: int = 64 * MiB
+    """Below this much data per rank a single shard file is written (small saves stay one file)."""
+    read_chunk_bytes: int = 32 * MiB
+    """Largest single read request; bigger tensors are read as several parallel ranges."""
+    part_bytes: int = 32 * MiB
+    """S3 multipart part size (16–64 MiB recommended)."""
+    max_inflight_bytes: int = 256 * MiB
+    """Upper bound of buffered-but-not-yet-uploaded bytes per process (S3)."""
+    verify: bool = True
+    """Check crc32c of every piece on restore/load."""
+    timeout_seconds: float = 600.0
+    """Distributed collectives and waits give up after this long (no rank hangs forever)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "verify":
+                if not isinstance(v, bool):
+                    raise ConfigError(f"io.verify must be true or false, got {v!r}")
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"io.{f.name} must be a positive number, got {v!r}")
+        if self.part_bytes < 5 * MiB:
+            raise ConfigError(f"io.part_bytes must be at least 5 MiB (an S3 limit), got {self.part_bytes}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> IOOptions:
+        """Build from a plain dict (YAML ``io:`` section); unknown keys raise ``ConfigError``."""
+        d = dict(d or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            import difflib
+
+            hints = [difflib.get_close_matches(u, names, n=1) for u in unknown]
+            msg = ", ".join(f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for u, h in zip(unknown, hints))
+            raise ConfigError(f"unknown io option(s) {msg}; valid: {', '.join(sorted(names))}")
+        return cls(**d)

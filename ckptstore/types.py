@@ -1,0 +1,65 @@
+"""Small value types shared by every layer (no I/O, no torch.distributed)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointInfo:
+    """What is known about one committed step, read from its manifest.
+
+    Example::
+
+        info = mgr.latest()
+        print(info.step, info.epoch, info.metrics.get("loss"), info.nbytes)
+    """
+
+    step: int
+    epoch: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    """Unix time (seconds) at which the save started, taken on rank 0."""
+    nbytes: int = 0
+    """Tensor bytes stored for this step (headers excluded)."""
+    world_size: int = 1
+    url: str = ""
+    """Location of the step's prefix."""
+    tier: str = "primary"
+    """``"primary"`` or ``"mirror"`` for tiered managers."""
+
+    @property
+    def created(self) -> _dt.datetime:
+        """``created_at`` as an aware UTC datetime."""
+        return _dt.datetime.fromtimestamp(self.created_at, tz=_dt.timezone.utc)
+
+    def metric(self, name: str) -> float | None:
+        """The metric's value as float, or None when the step has no such (numeric) metric."""
+        value = self.metrics.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveResult:
+    """Returned by a completed save.
+
+    Example::
+
+        res = mgr.save(10, {"model": model})
+        print(f"{res.nbytes / 2**20:.1f} MiB in {res.seconds:.2f}s -> {res.url}")
+    """
+
+    step: int
+    url: str
+    nbytes: int
+    files: int
+    seconds: float
+    blocking_seconds: float = 0.0
+    """Time the caller was blocked (equals ``seconds`` for a synchronous save)."""
+    deleted_steps: tuple[int, ...] = ()
+    """Steps removed by the retention policy after this commit."""

@@ -1,0 +1,3 @@
+"""Shared pytest configuration. Fixture modules live in tests/fixtures/ and are loaded as plugins."""
+
+pytest_plugins = ["tests.fixtures.s3"]
