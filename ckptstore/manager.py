@@ -1,0 +1,1153 @@
+"""CheckpointManager: the public entry point (save, restore, load, list, delete)."""
+
+from __future__ import annotations
+
+import io as _pyio
+import logging
+import math
+import os
+import platform
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ._version import __version__
+from .dist import Comm, default_comm
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    DistributedSaveError,
+    IntegrityError,
+    ManifestError,
+    StateMismatchError,
+    UnsafeCheckpointError,
+    UnsupportedValueError,
+)
+from .format.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    Piece,
+    TensorEntry,
+    dtype_name,
+    encode_json,
+    parse_step_dir,
+    step_dir,
+)
+from .format.state import PerRank, flatten, is_stateful, unflatten
+from .io import ReadTask, Source, plan_fill, read_pieces, write_files
+from .options import IOOptions
+from .plan import LocalSpec, WritePlan, plan_writes
+from .storage import Storage, open_storage
+from .types import CheckpointInfo, SaveResult
+
+log = logging.getLogger("ckptstore")
+
+StepSpec = int | Literal["latest", "best"]
+PINS_DIR = "pins"
+
+
+def _tensor_local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """(local tensor, global shape, global offsets of the local box) for plain tensors and DTensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()  # type: ignore[assignment]
+    if DTensor and isinstance(t, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = t.to_local()
+        _, offs = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return local, tuple(t.shape), tuple(int(o) for o in offs)
+    return t, tuple(t.shape), (0,) * t.dim()
+
+
+class PendingSave:
+    """Handle of a save running in the background (``save(..., blocking=False)``).
+
+    Example::
+
+        pending = mgr.save(step, state, blocking=False)
+        ...                      # keep training
+        result = pending.wait()  # re-raises a background error with its original type
+    """
+
+    def __init__(self, step: int, future: Future[SaveResult]) -> None:
+        self.step = step
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> SaveResult:
+        return self._future.result(timeout)
+
+    def exception(self) -> BaseException | None:
+        if not self._future.done():
+            return None
+        return self._future.exception()
+
+
+@dataclass
+class _ReadCtx:
+    """Everything one restore/load pass accumulates before any target is touched."""
+
+    manifest: Manifest
+    map_location: Any
+    rank: int
+    tasks: list[ReadTask] = field(default_factory=list)
+    deferred: list[Callable[[], None]] = field(default_factory=list)
+    moves: dict[int, torch.device] = field(default_factory=dict)
+    pickles: dict[int, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warned_devices: set[str] = field(default_factory=set)
+
+
+class CheckpointManager:
+    """Save and restore training state under one root URL; one directory (prefix) per step.
+
+    ``root`` is a local path, ``file://``, ``memory://``, ``s3://bucket/prefix`` or any fsspec URL;
+    ``storage_options`` goes to fsspec unchanged. In a torch.distributed job every rank creates the manager
+    and calls ``save``/``restore`` with the same arguments.
+
+    Example::
+
+        mgr = CheckpointManager("./checkpoints", retention={"keep_last": 3})
+        mgr.save(100, {"model": model, "optim": optimizer}, epoch=2, metrics={"loss": 0.41})
+        info = mgr.restore({"model": model, "optim": optimizer})   # newest verified step, in place
+        print(info.step, info.epoch, info.metrics["loss"])
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        storage_options: dict[str, Any] | None = None,
+        retention: Any = None,
+        io: IOOptions | dict[str, Any] | None = None,
+        allow_pickle: bool = False,
+        comm: Comm | None = None,
+    ) -> None:
+        self.io = io if isinstance(io, IOOptions) else IOOptions.from_dict(io)
+        self.storage: Storage = open_storage(os.fspath(root), storage_options)
+        self.url = self.storage.url
+        self.allow_pickle = allow_pickle
+        self.retention = _coerce_retention(retention)
+        self.comm = comm if comm is not None else default_comm(self.io.timeout_seconds)
+        self._manifests: dict[int, Manifest] = {}
+        self._lock = threading.Lock()
+        self._pending: PendingSave | None = None
+        self._executor: Any = None
+        self._restoring: set[int] = set()
+        self._closed = False
+
+    # -- construction helpers ------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, source: str | os.PathLike[str] | dict[str, Any], **overrides: Any) -> CheckpointManager:
+        """Build a manager from a YAML file or a dict (see ``configs/README.md``).
+
+        Example::
+
+            mgr = CheckpointManager.from_config("configs/local.yaml")
+        """
+        from .config import load_config
+
+        cfg = load_config(source)
+        kwargs: dict[str, Any] = {
+            "storage_options": cfg.storage_options,
+            "retention": cfg.retention,
+            "io": cfg.io,
+            "allow_pickle": cfg.allow_pickle,
+        }
+        kwargs.update(overrides)
+        return cls(cfg.root, **kwargs)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.url!r})"
+
+    # -- listing --------------------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Committed steps (those with a manifest), ascending as integers."""
+        out = []
+        for name in self.storage.list_dir(""):
+            s = parse_step_dir(name)
+            if s is not None and (s in self._manifests or self.storage.exists(f"{name}/{MANIFEST_NAME}")):
+                out.append(s)
+        return sorted(out)
+
+    def _manifest(self, step: int) -> Manifest:
+        m = self._manifests.get(step)
+        if m is not None:
+            return m
+        rel = f"{step_dir(step)}/{MANIFEST_NAME}"
+        where = self.storage.url_of(rel)
+        try:
+            size = self.storage.size(rel)
+            if size > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{where}: {size} bytes is larger than allowed; refusing to read it")
+            data = self.storage.read_bytes(rel)
+        except (FileNotFoundError, EOFError):
+            raise CheckpointNotFoundError(
+                f"step {step} is not committed under {self.url} (no {MANIFEST_NAME}); committed steps: "
+                f"{_fmt_steps(self.steps())}",
+                step=step,
+            ) from None
+        m = Manifest.from_bytes(data, where=where)
+        if m.step != step:
+            raise ManifestError(f"{where} says step {m.step}, but it lives under step {step}")
+        with self._lock:
+            self._manifests[step] = m
+        return m
+
+    def _info(self, m: Manifest) -> CheckpointInfo:
+        return CheckpointInfo(
+            step=m.step,
+            epoch=m.epoch,
+            metrics=dict(m.metrics),
+            metadata=dict(m.metadata),
+            created_at=m.created_at,
+            nbytes=m.nbytes,
+            world_size=m.world_size,
+            url=self.storage.url_of(step_dir(m.step)),
+        )
+
+    def info(self, step: int) -> CheckpointInfo:
+        """Metadata of a committed step (``CheckpointNotFoundError`` if there is none)."""
+        return self._info(self._manifest(_check_step(step)))
+
+    def manifest(self, step: int) -> Manifest:
+        """The parsed manifest of a committed step (read-only use)."""
+        return self._manifest(_check_step(step))
+
+    def history(self) -> list[CheckpointInfo]:
+        """Every committed step's info, ascending; unreadable manifests are skipped with a warning."""
+        out = []
+        for s in self.steps():
+            try:
+                out.append(self.info(s))
+            except (ManifestError, CheckpointNotFoundError) as e:
+                log.warning("skipping step %d: %s", s, e)
+        return out
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed step, or None."""
+        steps = self.steps()
+        return self.info(steps[-1]) if steps else None
+
+    def best(self, metric: str = "loss", mode: Literal["min", "max"] = "min") -> CheckpointInfo | None:
+        """The committed step with the best numeric ``metric`` (NaN and missing values never win)."""
+        if mode not in ("min", "max"):
+            from .errors import ConfigError
+
+            raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
+        best: CheckpointInfo | None = None
+        for info in self.history():
+            v = info.metric(metric)
+            if v is None or math.isnan(v):
+                continue
+            bv = best.metric(metric) if best else None
+            if bv is None or (v < bv if mode == "min" else v > bv) or v == bv:
+                best = info  # ties go to the newer step
+        return best
+
+    # -- pins -----------------------------------------------------------------------------------------------
+    def pin(self, step: int) -> None:
+        """Protect a committed step from retention (stored under the root, survives restarts)."""
+        self._manifest(_check_step(step))
+        if self.comm.rank == 0:
+            self.storage.write_bytes(f"{PINS_DIR}/{step_dir(step)}", b"")
+
+    def unpin(self, step: int) -> None:
+        if self.comm.rank == 0:
+            self.storage.remove(f"{PINS_DIR}/{step_dir(_check_step(step))}")
+
+    def pinned(self) -> list[int]:
+        return sorted(s for s in (parse_step_dir(n) for n in self.storage.list_dir(PINS_DIR)) if s is not None)
+
+    # -- save -------------------------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any] | Any,
+        *,
+        epoch: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        blocking: bool = True,
+        allow_pickle: bool | None = None,
+    ) -> SaveResult | PendingSave:
+        """Save ``state`` as ``step``; the manifest is written last, once, as the commit.
+
+        ``state`` may nest dicts/lists/tuples of tensors (plain or DTensor), objects with
+        ``state_dict()``/``load_state_dict()`` (modules, optimizers, schedulers, GradScaler), JSON values
+        (incl. inf/nan) and :class:`PerRank` markers. Anything else needs ``allow_pickle=True``.
+        Raises ``CheckpointExistsError`` if the step is already committed.
+
+        With ``blocking=False`` the state is first copied to staging memory (so training may change it right
+        away) and the write, commit and retention run in the background; a :class:`PendingSave` is returned.
+        """
+        self._check_open()
+        step = _check_step(step)
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            raise UnsupportedValueError(f"epoch must be an int or None, got {epoch!r}")
+        metrics = dict(metrics or {})
+        metadata = dict(metadata or {})
+        encode_json(metrics, "metrics")  # fail fast, before any byte is written
+        encode_json(metadata, "metadata")
+        self.wait()  # at most one save in flight; re-raises a failed background save
+        t0 = time.perf_counter()
+        created_at = time.time()
+        pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
+        flat = flatten(state, rank=self.comm.rank, allow_pickle=pickle_ok)
+        sources, specs = self._sources(flat, stage=not blocking)
+        job = _SaveJob(step, flat.tree, sources, specs, epoch, metrics, metadata, created_at, t0)
+        if blocking:
+            return self._run_save(job)
+        blocked = time.perf_counter() - t0
+        job.blocking_seconds = blocked
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-async")
+        fut = self._executor.submit(self._run_save, job)
+        self._pending = PendingSave(step, fut)
+        return self._pending
+
+    def _sources(self, flat: Any, *, stage: bool) -> tuple[dict[str, Source], list[LocalSpec]]:
+        sources: dict[str, Source] = {}
+        specs: list[LocalSpec] = []
+        order = 0
+        for key, t in flat.tensors.items():
+            local, gshape, offs = _tensor_local_box(t.detach())
+            if local.device.type != "cpu":
+                local = local.to("cpu")
+            elif stage:
+                local = local.clone(memory_format=torch.contiguous_format)
+            if not local.is_contiguous():
+                local = local.contiguous()
+            if local.is_conj():
+                local = local.resolve_conj()
+            if local.is_neg():
+                local = local.resolve_neg()
+            specs.append(
+                LocalSpec(
+                    key, dtype_name(local.dtype), local.element_size(), gshape, offs, tuple(local.shape), order,
+                    device=str(t.device),
+                )
+            )
+            sources[key] = Source(local, offs, local.dtype)
+            order += 1
+        for key, obj in flat.pickles.items():
+            buf = _pyio.BytesIO()
+            torch.save(obj, buf)
+            raw = torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8)
+            sources[key] = Source(raw, (0,), torch.uint8, "pickle")
+            specs.append(LocalSpec(key, "uint8", 1, (raw.numel(),), (0,), (raw.numel(),), order, "pickle"))
+            order += 1
+        return sources, specs
+
+    def _run_save(self, job: _SaveJob) -> SaveResult:
+        comm = self.comm
+        prefix = step_dir(job.step)
+        # 1. Rank 0 checks the step is free and picks the save id; everyone learns the answer.
+        decision: dict[str, Any] = {}
+        if comm.rank == 0:
+            try:
+                exists = self.storage.exists(f"{prefix}/{MANIFEST_NAME}")
+            except OSError as e:
+                exists = None
+                decision["error"] = f"cannot check {self.url}: {e}"
+            decision.update(exists=exists, save_id=uuid.uuid4().hex[:8])
+        decision = comm.broadcast(decision)
+        if decision.get("error"):
+            raise DistributedSaveError(decision["error"], failed_ranks={0: decision["error"]})
+        if decision["exists"]:
+            raise CheckpointExistsError(
+                f"step {job.step} is already committed under {self.url}; steps are immutable — save under a new "
+                "step number or delete it first",
+                step=job.step,
+            )
+        save_id = decision["save_id"]
+        # 2. Plan: gather every rank's boxes, rank 0 plans, broadcast.
+        all_specs = comm.gather(job.specs)
+        plan: WritePlan | None = None
+        plan_err = None
+        if comm.rank == 0:
+            try:
+                plan = plan_writes(all_specs or [job.specs], save_id=save_id, options=self.io)
+            except ValueError as e:
+                plan_err = str(e)
+        plan, plan_err = comm.broadcast((plan, plan_err))
+        if plan_err:
+            raise DistributedSaveError(f"cannot plan step {job.step}: {plan_err}", failed_ranks={0: plan_err})
+        assert plan is not None
+        # 3. Write my files.
+        mine = plan.for_rank(comm.rank)
+        report: dict[str, Any]
+        try:
+            written = write_files(self.storage, prefix, mine, job.sources, self.io)
+            report = {"ok": True, "files": written, "tree": job.tree}
+        except Exception as e:
+            if not comm.is_distributed:
+                raise
+            log.error("rank %d failed writing step %d: %r", comm.rank, job.step, e)
+            report = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        # 4. Rank 0 commits iff every rank succeeded; the outcome is broadcast.
+        reports = comm.gather(report)
+        outcome: dict[str, Any] = {}
+        if comm.rank == 0:
+            assert reports is not None
+            failed = {r: rep["error"] for r, rep in enumerate(reports) if not rep["ok"]}
+            if failed:
+                outcome = {"ok": False, "failed": failed}
+            else:
+                try:
+                    m = self._build_manifest(job, all_specs or [job.specs], reports, save_id)
+                    self._commit(job.step, m)
+                    outcome = {"ok": True, "nbytes": m.nbytes, "files": len(m.files)}
+                except CheckpointExistsError as e:
+                    outcome = {"ok": False, "exists": str(e)}
+                except Exception as e:
+                    if not comm.is_distributed:
+                        raise
+                    outcome = {"ok": False, "failed": {0: f"{type(e).__name__}: {e}"}}
+        outcome = comm.broadcast(outcome)
+        if not outcome["ok"]:
+            self._cleanup_attempt(prefix, save_id)
+            if "exists" in outcome:
+                raise CheckpointExistsError(outcome["exists"], step=job.step)
+            failed = outcome["failed"]
+            ranks = ", ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
+            raise DistributedSaveError(
+                f"step {job.step} was not committed because {len(failed)} rank(s) failed ({ranks}); the previous "
+                "steps are untouched",
+                failed_ranks=failed,
+            )
+        seconds = time.perf_counter() - job.t0
+        deleted: tuple[int, ...] = ()
+        if comm.rank == 0:
+            deleted = self._apply_retention(job.step)
+        res = SaveResult(
+            step=job.step,
+            url=self.storage.url_of(prefix),
+            nbytes=outcome["nbytes"],
+            files=outcome["files"],
+            seconds=seconds,
+            blocking_seconds=job.blocking_seconds if job.blocking_seconds is not None else seconds,
+            deleted_steps=deleted,
+        )
+        log.info(
+            "saved step %d: %.1f MiB in %d files, %.2fs (%.2f GB/s) -> %s",
+            job.step,
+            res.nbytes / 2**20,
+            res.files,
+            seconds,
+            res.nbytes / 1e9 / max(seconds, 1e-9),
+            res.url,
+        )
+        return res
+
+    def _build_manifest(
+        self, job: _SaveJob, all_specs: Sequence[Sequence[LocalSpec]], reports: list[dict[str, Any]], save_id: str
+    ) -> Manifest:
+        pieces: dict[str, list[Piece]] = {}
+        files: dict[str, int] = {}
+        for rep in reports:
+            for wf in rep["files"]:
+                files[wf.name] = wf.size
+                for key, p in wf.pieces:
+                    pieces.setdefault(key, []).append(p)
+        tree = _merge_trees([rep["tree"] for rep in reports])
+        spec_of: dict[str, LocalSpec] = {}
+        for specs in all_specs:
+            for sp in specs:
+                spec_of.setdefault(sp.key, sp)
+        entries: dict[str, TensorEntry] = {}
+        for key in sorted(spec_of, key=lambda k: (spec_of[k].order, k)):
+            sp = spec_of[key]
+            ps = sorted(pieces.get(key, []), key=lambda p: (p.offsets or (), p.file, p.start))
+            entries[key] = TensorEntry(sp.dtype, sp.global_shape, tuple(ps), sp.device, sp.encoding)
+        return Manifest(
+            step=job.step,
+            tree=tree,
+            tensors=entries,
+            files=files,
+            epoch=job.epoch,
+            metrics=job.metrics,
+            metadata=job.metadata,
+            created_at=job.created_at,
+            world_size=self.comm.world_size,
+            save_id=save_id,
+            versions={"ckptstore": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        )
+
+    def _commit(self, step: int, m: Manifest) -> None:
+        prefix = step_dir(step)
+        self.storage.sync_dir(prefix)
+        try:
+            self.storage.create_exclusive(f"{prefix}/{MANIFEST_NAME}", m.to_bytes())
+        except FileExistsError:
+            raise CheckpointExistsError(
+                f"step {step} was committed by another writer while this save ran; this attempt is discarded",
+                step=step,
+            ) from None
+        with self._lock:
+            self._manifests[step] = m
+
+    def _cleanup_attempt(self, prefix: str, save_id: str) -> None:
+        if self.comm.rank != 0:
+            return
+        try:
+            for name in self.storage.list_dir(prefix):
+                if name.startswith(f"shard-{save_id}-"):
+                    self.storage.remove(f"{prefix}/{name}")
+            if not self.storage.list_dir(prefix):
+                self.storage.remove_tree(prefix)
+        except OSError as e:
+            log.warning("could not clean up the failed attempt under %s: %s", prefix, e)
+
+    # -- retention & deletion -----------------------------------------------------------------------------------
+    def _apply_retention(self, committed: int) -> tuple[int, ...]:
+        if self.retention is None:
+            return ()
+        from .retention import select_deletions
+
+        try:
+            infos = self.history()
+            doomed = select_deletions(
+                infos,
+                self.retention,
+                now=time.time(),
+                pinned=self.pinned(),
+                protect={committed, *self._restoring},
+            )
+        except CheckpointError as e:
+            log.warning("retention skipped: %s", e)
+            return ()
+        for s in doomed:
+            try:
+                self.delete(s)
+                log.info("retention deleted step %d", s)
+            except OSError as e:
+                log.warning("retention could not delete step %d: %s", s, e)
+        return tuple(doomed)
+
+    def delete(self, step: int) -> None:
+        """Delete a committed step: its manifest first (the step disappears atomically), then its data."""
+        step = _check_step(step)
+        if self.comm.rank != 0:
+            return
+        prefix = step_dir(step)
+        with self._lock:
+            self._manifests.pop(step, None)
+        if not self.storage.exists(f"{prefix}/{MANIFEST_NAME}") and not self.storage.list_dir(prefix):
+            raise CheckpointNotFoundError(f"step {step} does not exist under {self.url}", step=step)
+        self.storage.remove(f"{prefix}/{MANIFEST_NAME}")
+        self.storage.sync_dir(prefix)
+        self.storage.remove_tree(prefix)
+        self.storage.remove(f"{PINS_DIR}/{prefix}")
+
+    def gc(self, *, min_age_seconds: float = 600.0) -> list[str]:
+        """Remove partial steps (no manifest) and unreferenced files inside committed steps.
+
+        Only files older than ``min_age_seconds`` are touched, so a save in progress in another process is
+        left alone. Returns the removed paths (relative to the root).
+        """
+        if self.comm.rank != 0:
+            return []
+        removed: list[str] = []
+        now = time.time()
+        for name in self.storage.list_dir(""):
+            s = parse_step_dir(name)
+            if s is None:
+                continue
+            committed = self.storage.exists(f"{name}/{MANIFEST_NAME}")
+            keep: set[str] = {MANIFEST_NAME}
+            if committed:
+                try:
+                    keep |= set(self._manifest(s).files)
+                except CheckpointError as e:
+                    log.warning("gc: leaving step %d alone, its manifest is unreadable: %s", s, e)
+                    continue
+            for fname in self.storage.list_dir(name):
+                if fname in keep:
+                    continue
+                rel = f"{name}/{fname}"
+                if _age(self.storage, rel, now) < min_age_seconds:
+                    continue
+                self.storage.remove(rel)
+                removed.append(rel)
+            if not committed and not self.storage.list_dir(name):
+                self.storage.remove_tree(name)
+        abort = getattr(self.storage, "abort_incomplete_uploads", None)
+        if callable(abort):
+            abort("")
+        return removed
+
+    # -- restore / load ---------------------------------------------------------------------------------------------
+    def _candidates(self, step: StepSpec) -> list[int]:
+        if step == "latest":
+            return sorted(self.steps(), reverse=True)
+        if step == "best":
+            b = self.best()
+            if b is None:
+                raise CheckpointNotFoundError(f"no committed step under {self.url} has a numeric 'loss' metric")
+            return [b.step]
+        return [_check_step(step)]
+
+    def restore(
+        self,
+        state: Mapping[str, Any] | Any,
+        *,
+        step: StepSpec = "latest",
+        map_location: Any = None,
+        strict: bool = True,
+        verify: bool | None = None,
+        trusted: bool = False,
+    ) -> CheckpointInfo:
+        """Put a committed step back into ``state`` in place and return its info.
+
+        Tensors are read straight into the existing tensors' storage; modules, optimizers and other
+        ``Stateful`` objects get ``load_state_dict``; dicts/lists are updated in place. ``step`` is an int,
+        ``"latest"`` (the newest step that verifies — a corrupt newest step is skipped with a warning) or
+        ``"best"``. With ``strict`` (default) keys missing from the checkpoint or (for modules) unexpected keys
+        raise :class:`StateMismatchError`.
+
+        Example::
+
+            info = mgr.restore({"model": model, "optim": optimizer})
+            start_epoch = info.epoch + 1
+        """
+        self._check_open()
+        self.wait()
+        comm = self.comm
+        cands = comm.broadcast(self._candidates(step) if comm.rank == 0 else None)
+        if not cands:
+            raise CheckpointNotFoundError(f"no committed step under {self.url}")
+        last: BaseException | None = None
+        for s in cands:
+            err: BaseException | None = None
+            self._restoring.add(s)
+            try:
+                m = self._manifest(s)
+                self._restore_from(m, state, map_location, strict, verify, trusted)
+            except (IntegrityError, ManifestError) as e:
+                err = e
+            except CheckpointError as e:
+                err = e
+            finally:
+                self._restoring.discard(s)
+            errs = comm.all_gather(None if err is None else (type(err).__name__, str(err)))
+            bad = [(r, e) for r, e in enumerate(errs) if e is not None]
+            if not bad:
+                return self._info(self._manifest(s))
+            fatal = err if err is not None else None
+            integrity = all(e[0] in ("IntegrityError", "ManifestError") for _, e in bad)
+            if step != "latest" or not integrity:
+                if fatal is not None:
+                    raise fatal
+                r, (kind, msg) = bad[0]
+                raise IntegrityError(f"rank {r} could not restore step {s}: {kind}: {msg}", step=s)
+            log.warning("step %d does not verify (%s); falling back to the previous step", s, bad[0][1][1])
+            last = fatal or IntegrityError(bad[0][1][1], step=s)
+        assert last is not None
+        raise last
+
+    def load(
+        self,
+        step: StepSpec = "latest",
+        *,
+        map_location: Any = None,
+        verify: bool | None = None,
+        trusted: bool = False,
+    ) -> Any:
+        """Read a committed step into fresh objects: the saved nested structure with new tensors.
+
+        Objects that were saved through ``state_dict()`` come back as their state dicts; a step saved by
+        several ranks comes back consolidated (full tensors). ``map_location`` has ``torch.load``'s meanings
+        (also ``"meta"`` for shapes only) plus a callable ``fn(key, tensor) -> device``.
+
+        Example::
+
+            sd = mgr.load(step=1200, map_location="cpu")
+            model.load_state_dict(sd["model"])
+        """
+        self._check_open()
+        self.wait()
+        last: BaseException | None = None
+        for s in self._candidates(step):
+            try:
+                m = self._manifest(s)
+                return self._load_from(m, map_location, verify, trusted)
+            except (IntegrityError, ManifestError) as e:
+                if step != "latest":
+                    raise
+                log.warning("step %d does not verify (%s); falling back to the previous step", s, e)
+                last = e
+        if last is not None:
+            raise last
+        raise CheckpointNotFoundError(f"no committed step under {self.url}")
+
+    def _io_for(self, verify: bool | None) -> IOOptions:
+        if verify is None or verify == self.io.verify:
+            return self.io
+        from dataclasses import replace
+
+        return replace(self.io, verify=verify)
+
+    def _check_trust(self, m: Manifest, trusted: bool) -> None:
+        if m.has_pickles and not trusted:
+            keys = [k for k, t in m.tensors.items() if t.encoding == "pickle"]
+            raise UnsafeCheckpointError(
+                f"step {m.step} contains pickled objects ({', '.join(keys[:5])}); unpickling runs code from the "
+                "checkpoint. Pass trusted=True only if you trust who wrote it"
+            )
+
+    def _load_from(self, m: Manifest, map_location: Any, verify: bool | None, trusted: bool) -> Any:
+        self._check_trust(m, trusted)
+        rc = _ReadCtx(m, map_location, self.comm.rank)
+        value = unflatten(m.tree, lambda key, node: self._fresh(rc, key), rank=self.comm.rank)
+        read_pieces(self.storage, step_dir(m.step), rc.tasks, self._io_for(verify), step=m.step)
+        return self._finalize(rc, value)
+
+    def _restore_from(
+        self, m: Manifest, state: Any, map_location: Any, strict: bool, verify: bool | None, trusted: bool
+    ) -> None:
+        self._check_trust(m, trusted)
+        rc = _ReadCtx(m, map_location, self.comm.rank)
+        root = m.tree
+        if is_stateful(state) or isinstance(state, torch.Tensor):
+            self._into(rc, state, root, "", strict, top=True)
+        elif isinstance(state, Mapping):
+            items = _dict_items(root, "the checkpoint root")
+            for k in state:
+                if k not in items:
+                    rc.missing.append(str(k))
+                    continue
+                new = self._into(rc, state[k], items[k], str(k), strict, top=False)
+                if new is not state[k]:
+                    rc.deferred.append(_setter(state, k, new, rc, self))
+        else:
+            raise StateMismatchError(
+                f"restore() takes a dict of state (or a Stateful object), got {type(state).__name__}"
+            )
+        if rc.problems:
+            raise StateMismatchError(
+                f"step {m.step} does not fit the given state: " + "; ".join(rc.problems[:20]),
+                missing=rc.missing,
+                unexpected=rc.unexpected,
+            )
+        if strict and (rc.missing or rc.unexpected):
+            parts = []
+            if rc.missing:
+                parts.append(f"missing from the checkpoint: {', '.join(rc.missing[:20])}")
+            if rc.unexpected:
+                parts.append(f"unexpected in the checkpoint: {', '.join(rc.unexpected[:20])}")
+            raise StateMismatchError(
+                f"step {m.step} does not match the state (strict=True): " + "; ".join(parts)
+                + ". Pass strict=False to restore what matches",
+                missing=rc.missing,
+                unexpected=rc.unexpected,
+            )
+        read_pieces(self.storage, step_dir(m.step), rc.tasks, self._io_for(verify), step=m.step)
+        for fn in rc.deferred:
+            fn()
+
+    # The restore walk: register reads into existing tensors, create fresh values for the rest, and defer every
+    # mutation of the caller's objects until all reads have been verified.
+    def _into(self, rc: _ReadCtx, tgt: Any, node: Any, path: str, strict: bool, *, top: bool) -> Any:
+        node = _unwrap(node, rc.rank)
+        if isinstance(tgt, PerRank):
+            if node is None:
+                log.warning("no per-rank state for rank %d at %r in step %d", rc.rank, path, rc.manifest.step)
+                return tgt
+            new_inner = self._into(rc, tgt.value, node, path, strict, top=False)
+            rc.deferred.append(lambda: setattr(tgt, "value", self._finalize(rc, new_inner)))
+            return tgt
+        if isinstance(tgt, torch.Tensor):
+            key = _tensor_key(node)
+            if key is None:
+                rc.problems.append(f"{path!r} is a tensor in the state but not in the checkpoint")
+                return tgt
+            self._fill_existing(rc, key, tgt, path)
+            return tgt
+        if is_stateful(tgt):
+            self._into_stateful(rc, tgt, node, path, strict)
+            return tgt
+        if isinstance(tgt, dict):
+            items = _dict_items(node, path, rc)
+            if items is None:
+                return tgt
+            for k in list(tgt):
+                if k not in items:
+                    rc.missing.append(f"{path}/{k}")
+                    continue
+                new = self._into(rc, tgt[k], items[k], f"{path}/{k}", strict, top=False)
+                if new is not tgt[k]:
+                    rc.deferred.append(_setter(tgt, k, new, rc, self))
+            for k, child in items.items():
+                if k not in tgt:
+                    rc.deferred.append(_setter(tgt, k, self._fresh_tree(rc, child), rc, self))
+            return tgt
+        if isinstance(tgt, list):
+            vals = _seq_items(node, path, rc)
+            if vals is None:
+                return tgt
+            if len(vals) != len(tgt):
+                if strict:
+                    rc.problems.append(f"{path!r} has {len(tgt)} items in the state, {len(vals)} in the checkpoint")
+                    return tgt
+            for i in range(min(len(vals), len(tgt))):
+                new = self._into(rc, tgt[i], vals[i], f"{path}/{i}", strict, top=False)
+                if new is not tgt[i]:
+                    rc.deferred.append(_setter(tgt, i, new, rc, self))
+            return tgt
+        if isinstance(tgt, tuple) and not isinstance(tgt, torch.Size):
+            vals = _seq_items(node, path, rc)
+            if vals is None or len(vals) != len(tgt):
+                if vals is not None:
+                    rc.problems.append(f"{path!r} has {len(tgt)} items in the state, {len(vals)} in the checkpoint")
+                return tgt
+            return tuple(self._into(rc, t, v, f"{path}/{i}", strict, top=False) for i, (t, v) in enumerate(zip(tgt, vals)))
+        return self._fresh_tree(rc, node)
+
+    def _into_stateful(self, rc: _ReadCtx, obj: Any, node: Any, path: str, strict: bool) -> None:
+        if isinstance(obj, torch.nn.Module):
+            cur = obj.state_dict(keep_vars=True)
+            items = _dict_items(node, path, rc)
+            if items is None:
+                return
+            for k in cur:
+                if k not in items:
+                    rc.missing.append(f"{path}/{k}" if path else k)
+            for k in items:
+                if k not in cur:
+                    rc.unexpected.append(f"{path}/{k}" if path else k)
+            new_sd: dict[str, Any] = {}
+            for k, v in cur.items():
+                if k not in items:
+                    continue
+                if isinstance(v, torch.Tensor):
+                    key = _tensor_key(_unwrap(items[k], rc.rank))
+                    if key is None:
+                        rc.problems.append(f"{path}/{k}: a tensor in the model, not in the checkpoint")
+                        continue
+                    self._fill_existing(rc, key, v.detach() if v.requires_grad else v, f"{path}/{k}")
+                    new_sd[k] = v
+                else:
+                    new_sd[k] = _Pending(self._fresh_tree(rc, items[k]))
+            for k in items:
+                if k not in cur and not strict:
+                    new_sd.setdefault(k, _Pending(self._fresh_tree(rc, items[k])))
+
+            def load_module() -> None:
+                sd = {k: (self._finalize(rc, v.value) if isinstance(v, _Pending) else v) for k, v in new_sd.items()}
+                try:
+                    obj.load_state_dict(sd, strict=strict)
+                except RuntimeError as e:
+                    raise StateMismatchError(f"{path or 'model'}: load_state_dict failed: {e}") from None
+
+            rc.deferred.append(load_module)
+            return
+        # Optimizers, schedulers, GradScaler, user Stateful: build the full state dict from the checkpoint,
+        # reading into tensors the object already has where paths and shapes line up.
+        cur_sd = obj.state_dict()
+        new_value = self._build(rc, node, cur_sd)
+
+        def load_obj() -> None:
+            sd = self._finalize(rc, new_value)
+            try:
+                obj.load_state_dict(sd)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise StateMismatchError(f"{path}: {type(obj).__name__}.load_state_dict failed: {e}") from None
+
+        rc.deferred.append(load_obj)
+
+    def _build(self, rc: _ReadCtx, node: Any, hint: Any) -> Any:
+        node = _unwrap(node, rc.rank)
+        if isinstance(node, dict) and node.get("t") == "dict":
+            hint_d = hint if isinstance(hint, Mapping) else {}
+            return {k: self._build(rc, v, hint_d.get(k)) for k, v in zip(node["k"], node["v"])}
+        if isinstance(node, dict) and node.get("t") in ("list", "tuple"):
+            hint_l = hint if isinstance(hint, (list, tuple)) else []
+            vals = [self._build(rc, v, hint_l[i] if i < len(hint_l) else None) for i, v in enumerate(node["v"])]
+            return vals if node["t"] == "list" else tuple(vals)
+        key = _tensor_key(node)
+        if key is not None and isinstance(hint, torch.Tensor):
+            entry = rc.manifest.tensors.get(key)
+            if entry is not None and entry.encoding == "raw" and tuple(hint.shape) == entry.shape:
+                self._fill_existing(rc, key, hint.detach(), key)
+                return hint
+        return self._fresh_tree(rc, node)
+
+    def _fresh_tree(self, rc: _ReadCtx, node: Any) -> Any:
+        return unflatten(node, lambda key, n: self._fresh(rc, key), rank=rc.rank)
+
+    def _entry(self, rc: _ReadCtx, key: str) -> TensorEntry:
+        e = rc.manifest.tensors.get(key)
+        if e is None:
+            raise ManifestError(f"step {rc.manifest.step}: the state tree refers to {key!r}, absent from tensors")
+        return e
+
+    def _fresh(self, rc: _ReadCtx, key: str) -> torch.Tensor:
+        e = self._entry(rc, key)
+        dt = e.torch_dtype
+        if e.encoding == "pickle":
+            buf = torch.empty(e.shape, dtype=torch.uint8)
+            rc.tasks.extend(plan_fill(key, e, buf))
+            rc.pickles[id(buf)] = key
+            return buf
+        dev = _resolve_device(rc, key, e)
+        if dev.type == "meta":
+            return torch.empty(e.shape, dtype=dt, device="meta")
+        t = torch.empty(e.shape, dtype=dt)
+        rc.tasks.extend(plan_fill(key, e, t))
+        if dev.type != "cpu":
+            rc.moves[id(t)] = dev
+        return t
+
+    def _fill_existing(self, rc: _ReadCtx, key: str, tgt: torch.Tensor, path: str) -> None:
+        e = self._entry(rc, key)
+        if e.encoding != "raw":
+            rc.problems.append(f"{path!r} is a tensor in the state but a pickled object in the checkpoint")
+            return
+        local, gshape, offs = _tensor_local_box(tgt)
+        if gshape != e.shape:
+            rc.problems.append(f"{path!r}: shape {list(gshape)} in the state, {list(e.shape)} in the checkpoint")
+            return
+        if local.device.type == "meta":
+            return
+        dt = e.torch_dtype
+        if local.device.type == "cpu" and local.is_contiguous() and local.dtype == dt:
+            rc.tasks.extend(plan_fill(key, e, local, offs))
+            return
+        # Different device, dtype or layout: read into a CPU temporary, copy once everything verified.
+        tmp = torch.empty(tuple(local.shape), dtype=dt)
+        rc.tasks.extend(plan_fill(key, e, tmp, offs))
+        rc.deferred.append(lambda: local.copy_(tmp))
+
+    def _finalize(self, rc: _ReadCtx, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if id(value) in rc.pickles:
+                dev = rc.map_location if isinstance(rc.map_location, (str, torch.device)) else None
+                # Trusted by the caller (checked in _check_trust): this is the one place ckptstore unpickles.
+                return torch.load(_pyio.BytesIO(value.numpy().tobytes()), map_location=dev, weights_only=False)
+            dev = rc.moves.get(id(value))
+            return value.to(dev) if dev is not None else value
+        if isinstance(value, dict):
+            return {k: self._finalize(rc, v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._finalize(rc, v) for v in value]
+        if isinstance(value, tuple) and not isinstance(value, torch.Size):
+            return tuple(self._finalize(rc, v) for v in value)
+        return value
+
+    # -- async & lifecycle -------------------------------------------------------------------------------------
+    def wait(self) -> SaveResult | None:
+        """Block until the pending background save (if any) finished; re-raise its error."""
+        p, self._pending = self._pending, None
+        return p.wait() if p is not None else None
+
+    def close(self) -> None:
+        """Wait for a pending save, then release resources. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            self.storage.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"{self!r} is closed")
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+@dataclass
+class _SaveJob:
+    step: int
+    tree: Any
+    sources: dict[str, Source]
+    specs: list[LocalSpec]
+    epoch: int | None
+    metrics: dict[str, Any]
+    metadata: dict[str, Any]
+    created_at: float
+    t0: float
+    blocking_seconds: float | None = None
+
+
+class _Pending:
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _setter(container: Any, k: Any, new: Any, rc: _ReadCtx, mgr: CheckpointManager) -> Callable[[], None]:
+    def run() -> None:
+        container[k] = mgr._finalize(rc, new)
+
+    return run
+
+
+def _unwrap(node: Any, rank: int) -> Any:
+    while isinstance(node, dict):
+        t = node.get("t")
+        if t == "stateful":
+            node = node.get("v")
+        elif t == "per_rank":
+            per = node.get("v") or {}
+            node = per.get(str(rank))
+        else:
+            break
+    return node
+
+
+def _tensor_key(node: Any) -> str | None:
+    if isinstance(node, dict) and node.get("t") == "tensor" and isinstance(node.get("key"), str):
+        return node["key"]
+    return None
+
+
+def _dict_items(node: Any, path: str, rc: _ReadCtx | None = None) -> dict[Any, Any] | None:
+    node = _unwrap(node, rc.rank if rc else 0)
+    if isinstance(node, dict) and node.get("t") == "dict":
+        return dict(zip(node["k"], node["v"]))
+    msg = f"{path!r} is a dict in the state but not in the checkpoint"
+    if rc is None:
+        raise StateMismatchError(msg)
+    rc.problems.append(msg)
+    return None
+
+
+def _seq_items(node: Any, path: str, rc: _ReadCtx) -> list[Any] | None:
+    node = _unwrap(node, rc.rank)
+    if isinstance(node, dict) and node.get("t") in ("list", "tuple"):
+        return list(node["v"])
+    rc.problems.append(f"{path!r} is a sequence in the state but not in the checkpoint")
+    return None
+
+
+def _merge_trees(trees: Sequence[Any]) -> Any:
+    """Rank 0's tree, with every rank's per-rank subtrees merged in."""
+    base = trees[0]
+    if len(trees) == 1:
+        return base
+
+    def merge(a: Any, others: list[Any]) -> Any:
+        if isinstance(a, dict):
+            t = a.get("t")
+            if t == "per_rank":
+                merged = dict(a["v"])
+                for o in others:
+                    if isinstance(o, dict) and o.get("t") == "per_rank":
+                        merged.update(o["v"])
+                return {"t": "per_rank", "v": dict(sorted(merged.items(), key=lambda kv: int(kv[0])))}
+            if t in ("dict", "list", "tuple"):
+                kids = [o.get("v", []) if isinstance(o, dict) else [] for o in others]
+                return {**a, "v": [merge(v, [k[i] for k in kids if i < len(k)]) for i, v in enumerate(a["v"])]}
+            if t == "stateful":
+                return {**a, "v": merge(a["v"], [o.get("v") for o in others if isinstance(o, dict)])}
+        return a
+
+    return merge(base, list(trees[1:]))
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UnsupportedValueError(f"step must be a non-negative int, got {step!r}")
+    return step
+
+
+def _fmt_steps(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    return ", ".join(map(str, steps[-10:])) + (" (newest 10)" if len(steps) > 10 else "")
+
+
+def _age(storage: Storage, rel: str, now: float) -> float:
+    try:
+        info = storage.fs.info(storage.full(rel))
+    except (OSError, ValueError):
+        return float("inf")
+    for k in ("mtime", "LastModified", "last_modified", "created"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            v = v.timestamp()
+        try:
+            return now - float(v)
+        except (TypeError, ValueError):
+            continue
+    return float("inf")
+
+
+def _coerce_retention(retention: Any) -> Any:
+    if retention is None:
+        return None
+    from .retention import coerce_retention
+
+    return coerce_retention(retention)
+
+
+def _device_ok(dev: torch.device) -> bool:
+    if dev.type in ("cpu", "meta"):
+        return True
+    mod = getattr(torch, dev.type, None)
+    try:
+        return bool(mod is not None and mod.is_available())
+    except Exception:  # some backends raise on is_available without drivers
+        return False
+
+
+def _resolve_device(rc: _ReadCtx, key: str, e: TensorEntry) -> torch.device:
+    ml = rc.map_location
+    saved = e.device
+    dev: Any
+    if ml is None:
+        dev = saved
+    elif isinstance(ml, (str, torch.device)):
+        dev = ml
+    elif isinstance(ml, Mapping):
+        dev = ml.get(saved, ml.get(torch.device(saved), saved)) if saved else saved
+    elif callable(ml):
+        import inspect
+
+        try:
+            first = next(iter(inspect.signature(ml).parameters), "")
+        except (TypeError, ValueError):
+            first = ""
+        if first == "key":
+            dev = ml(key, torch.empty(e.shape, dtype=e.torch_dtype, device="meta"))
+        else:  # torch.load convention: fn(storage, location) -> storage | None
+            res = ml(torch.UntypedStorage(0), saved)
+            dev = saved if res is None else getattr(res, "device", res)
+    else:
+        raise UnsupportedValueError(f"map_location must be None, str, torch.device, dict or callable, got {ml!r}")
+    dev = torch.device(dev)
+    if not _device_ok(dev):
+        if str(dev) not in rc.warned_devices:
+            log.warning("device %s is not available here; loading to cpu instead", dev)
+            rc.warned_devices.add(str(dev))
+        dev = torch.device("cpu")
+    return dev

@@ -1,0 +1,163 @@
+"""Write planning: a pure function from every rank's tensor boxes and the world size to a write plan.
+
+No I/O, no collectives. Every rank can run it on the same gathered input and get the same plan; in practice
+rank 0 runs it and broadcasts the result.
+
+Rules (DESIGN §4):
+
+* a box held by several ranks (a replicated tensor under DDP, a replicated DTensor placement) is written once;
+* boxes larger than ``chunk_bytes`` are split along dim 0 into chunks that may go to different ranks/files;
+* chunks are assigned largest first to the least-loaded rank that holds them (balance by bytes);
+* each rank spreads its share over a few shard files (small tensors batched, never a file per tensor).
+
+Example::
+
+    specs = [[LocalSpec("w", "float32", 4, (1024, 1024), (0, 0), (1024, 1024), 0)]] * 2   # DDP, 2 ranks
+    plan = plan_writes(specs, save_id="ab12cd34", options=IOOptions(chunk_bytes=1 << 20))
+    assert {f.rank for f in plan.files} == {0, 1}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .options import IOOptions
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """One tensor box a rank holds: ``shape`` elements starting at ``offsets`` of a ``global_shape`` tensor."""
+
+    key: str
+    dtype: str
+    itemsize: int
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    order: int
+    """Position in the state (keeps related tensors together and files in a stable order)."""
+    encoding: str = "raw"
+    device: str = "cpu"
+    """Device the tensor lived on at save time (restored there by default)."""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+
+@dataclass(frozen=True)
+class WriteItem:
+    key: str
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    nbytes: int
+    order: int
+    whole: bool
+    """True when the item is the entire global tensor (the manifest then omits the box)."""
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    name: str
+    rank: int
+    items: tuple[WriteItem, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.items)
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    files: tuple[FilePlan, ...]
+    world_size: int
+
+    def for_rank(self, rank: int) -> list[FilePlan]:
+        return [f for f in self.files if f.rank == rank]
+
+    def bytes_per_rank(self) -> list[int]:
+        out = [0] * self.world_size
+        for f in self.files:
+            out[f.rank] += f.nbytes
+        return out
+
+
+def shard_file_name(save_id: str, rank: int, index: int) -> str:
+    # The save id keeps two concurrent writers of one step from clobbering each other's data files.
+    return f"shard-{save_id}-r{rank}-{index}.safetensors"
+
+
+def _split_rows(spec: LocalSpec, chunk_bytes: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    if spec.nbytes <= chunk_bytes or not spec.shape or spec.shape[0] <= 1 or spec.encoding != "raw":
+        return [(spec.offsets, spec.shape)]
+    rows = spec.shape[0]
+    n = min(rows, math.ceil(spec.nbytes / chunk_bytes))
+    per = math.ceil(rows / n)
+    out = []
+    for r0 in range(0, rows, per):
+        r1 = min(rows, r0 + per)
+        out.append(((spec.offsets[0] + r0, *spec.offsets[1:]), (r1 - r0, *spec.shape[1:])))
+    return out
+
+
+def plan_writes(per_rank: Sequence[Sequence[LocalSpec]], *, save_id: str, options: IOOptions) -> WritePlan:
+    """Decide which rank writes which bytes into which shard file.
+
+    ``per_rank[r]`` lists the boxes rank ``r`` holds. Raises ``ValueError`` when ranks disagree about a
+    tensor's dtype or global shape.
+    """
+    world = len(per_rank)
+    if world < 1:
+        raise ValueError("plan_writes needs at least one rank")
+    # Merge identical boxes held by several ranks.
+    holders: dict[tuple[str, tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    first: dict[tuple[str, tuple[int, ...], tuple[int, ...]], LocalSpec] = {}
+    meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for rank, specs in enumerate(per_rank):
+        for s in specs:
+            m = (s.dtype, s.global_shape)
+            if meta.setdefault(s.key, m) != m:
+                raise ValueError(
+                    f"ranks disagree on tensor {s.key!r}: {meta[s.key]} vs {m} (rank {rank}); every rank must "
+                    "save the same structure"
+                )
+            box = (s.key, s.offsets, s.shape)
+            holders.setdefault(box, []).append(rank)
+            first.setdefault(box, s)
+
+    items: list[tuple[WriteItem, list[int]]] = []
+    for box, spec in first.items():
+        for offs, shape in _split_rows(spec, options.chunk_bytes):
+            whole = all(o == 0 for o in offs) and shape == spec.global_shape
+            it = WriteItem(spec.key, offs, shape, math.prod(shape) * spec.itemsize, spec.order, whole)
+            items.append((it, holders[box]))
+
+    # Largest first onto the least-loaded holder: the classic LPT heuristic, deterministic on ties.
+    load = [0] * world
+    by_rank: list[list[WriteItem]] = [[] for _ in range(world)]
+    for it, ranks in sorted(items, key=lambda x: (-x[0].nbytes, x[0].order, x[0].offsets)):
+        r = min(ranks, key=lambda r: (load[r], r))
+        load[r] += it.nbytes
+        by_rank[r].append(it)
+
+    files: list[FilePlan] = []
+    for rank, its in enumerate(by_rank):
+        if not its:
+            continue
+        total = sum(i.nbytes for i in its)
+        if total < options.min_split_bytes:
+            n_files = 1
+        else:
+            n_files = max(math.ceil(total / options.file_bytes), min(options.threads, len(its)))
+        bins: list[list[WriteItem]] = [[] for _ in range(n_files)]
+        fill = [0] * n_files
+        for it in its:  # already largest first
+            b = min(range(n_files), key=lambda b: (fill[b], b))
+            fill[b] += it.nbytes
+            bins[b].append(it)
+        for idx, b in enumerate(x for x in bins if x):
+            b.sort(key=lambda i: (i.order, i.offsets))
+            files.append(FilePlan(shard_file_name(save_id, rank, idx), rank, tuple(b)))
+    return WritePlan(tuple(files), world)
