@@ -88,7 +88,9 @@ def write_file(storage: Storage, prefix: str, fp: FilePlan, sources: dict[str, S
         v = _item_view(it, src)
         if v.nbytes != it.nbytes:
             raise ValueError(f"write item {it.key!r}: {v.nbytes} bytes, plan expected {it.nbytes}")
-        st_dtype, st_shape = st_dtype_and_shape(src.dtype if src.encoding == "raw" else torch.uint8, it.shape, it.nbytes)
+        st_dtype, st_shape = st_dtype_and_shape(
+            src.dtype if src.encoding == "raw" else torch.uint8, it.shape, it.nbytes
+        )
         entries.append(HeaderEntry(_header_name(it), st_dtype, tuple(st_shape), it.nbytes))
         views.append(v)
     head, pos = build_header(entries, {"format": "pt"})
@@ -225,7 +227,7 @@ def read_pieces(
 
 
 def _parallel(fn: Callable, items: Sequence, threads: int) -> None:
-    if len(items) <= 1 or threads <= 1 or sum(1 for _ in items[:2]) < 2:
+    if len(items) <= 1 or threads <= 1:
         for it in items:
             fn(it)
         return
@@ -259,9 +261,9 @@ def _box_intersection(
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     lo = tuple(max(x, y) for x, y in zip(a_off, b_off))
     hi = tuple(min(x + s, y + t) for x, s, y, t in zip(a_off, a_shape, b_off, b_shape))
-    if any(h <= l for l, h in zip(lo, hi)) and len(lo) > 0:
+    if any(h <= low for low, h in zip(lo, hi)):
         return None
-    return lo, tuple(h - l for l, h in zip(lo, hi))
+    return lo, tuple(h - low for low, h in zip(lo, hi))
 
 
 def _slices(off: Sequence[int], shape: Sequence[int], base: Sequence[int]) -> tuple[slice, ...]:

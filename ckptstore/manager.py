@@ -346,7 +346,13 @@ class CheckpointManager:
                 local = local.resolve_neg()
             specs.append(
                 LocalSpec(
-                    key, dtype_name(local.dtype), local.element_size(), gshape, offs, tuple(local.shape), order,
+                    key,
+                    dtype_name(local.dtype),
+                    local.element_size(),
+                    gshape,
+                    offs,
+                    tuple(local.shape),
+                    order,
                     device=str(t.device),
                 )
             )
@@ -759,7 +765,8 @@ class CheckpointManager:
             if rc.unexpected:
                 parts.append(f"unexpected in the checkpoint: {', '.join(rc.unexpected[:20])}")
             raise StateMismatchError(
-                f"step {m.step} does not match the state (strict=True): " + "; ".join(parts)
+                f"step {m.step} does not match the state (strict=True): "
+                + "; ".join(parts)
                 + ". Pass strict=False to restore what matches",
                 missing=rc.missing,
                 unexpected=rc.unexpected,
@@ -823,7 +830,9 @@ class CheckpointManager:
                 if vals is not None:
                     rc.problems.append(f"{path!r} has {len(tgt)} items in the state, {len(vals)} in the checkpoint")
                 return tgt
-            return tuple(self._into(rc, t, v, f"{path}/{i}", strict, top=False) for i, (t, v) in enumerate(zip(tgt, vals)))
+            return tuple(
+                self._into(rc, t, v, f"{path}/{i}", strict, top=False) for i, (t, v) in enumerate(zip(tgt, vals))
+            )
         return self._fresh_tree(rc, node)
 
     def _into_stateful(self, rc: _ReadCtx, obj: Any, node: Any, path: str, strict: bool) -> None:

@@ -31,7 +31,7 @@ class IOOptions:
     read_chunk_bytes: int = 32 * MiB
     """Largest single read request; bigger tensors are read as several parallel ranges."""
     part_bytes: int = 32 * MiB
-    """S3 multipart part size (16–64 MiB recommended)."""
+    """S3 multipart part size (16-64 MiB recommended)."""
     max_inflight_bytes: int = 256 * MiB
     """Upper bound of buffered-but-not-yet-uploaded bytes per process (S3)."""
     verify: bool = True

@@ -231,7 +231,9 @@ def _req(doc: dict[str, Any], key: str, types: type | tuple[type, ...], where: s
     if key not in doc:
         raise ManifestError(f"{where}: missing field {key!r}")
     v = doc[key]
-    if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
+    if not isinstance(v, types) or (
+        isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))
+    ):
         raise ManifestError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
     return v
 
