@@ -12,7 +12,7 @@ Example::
 from . import errors
 from ._version import __version__
 from .errors import CheckpointError
-from .format.state import PerRank
+from .format.state import PerRank, Pickled
 from .manager import CheckpointManager, PendingSave
 from .options import IOOptions
 from .types import CheckpointInfo, SaveResult
@@ -24,6 +24,7 @@ __all__ = [
     "IOOptions",
     "PendingSave",
     "PerRank",
+    "Pickled",
     "SaveResult",
     "__version__",
     "errors",

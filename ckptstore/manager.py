@@ -82,17 +82,25 @@ class PendingSave:
     def __init__(self, step: int, future: Future[SaveResult]) -> None:
         self.step = step
         self._future = future
+        self._reported = False  # an error the caller has already seen is not raised again by close()
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> SaveResult:
-        return self._future.result(timeout)
+        try:
+            return self._future.result(timeout)
+        except BaseException:
+            if self._future.done():
+                self._reported = True
+            raise
 
     def exception(self) -> BaseException | None:
         if not self._future.done():
             return None
-        return self._future.exception()
+        e = self._future.exception()
+        self._reported = self._reported or e is not None
+        return e
 
 
 @dataclass
@@ -970,7 +978,12 @@ class CheckpointManager:
     def wait(self) -> SaveResult | None:
         """Block until the pending background save (if any) finished; re-raise its error."""
         p, self._pending = self._pending, None
-        return p.wait() if p is not None else None
+        if p is None:
+            return None
+        if p._reported:
+            p._future.exception()  # already surfaced to the caller through the PendingSave
+            return None
+        return p.wait()
 
     def close(self) -> None:
         """Wait for a pending save, then release resources. Safe to call twice."""

@@ -211,7 +211,18 @@ class Manifest:
             "tree": self.tree,
             "extras": self.extras,
         }
-        return json.dumps(doc, indent=1, allow_nan=False, ensure_ascii=True).encode() + b"\n"
+        # One field per line and one tensor per line: compact for 10k-tensor states, still readable and diffable.
+        def enc(v: Any) -> str:
+            return json.dumps(v, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
+
+        lines = []
+        for k, v in doc.items():
+            if k == "tensors":
+                rows = [f"  {enc(tk)}:{enc(tv)}" for tk, tv in v.items()]
+                lines.append(' "tensors":{\n' + ",\n".join(rows) + "\n }" if rows else ' "tensors":{}')
+            else:
+                lines.append(f" {enc(k)}:{enc(v)}")
+        return ("{\n" + ",\n".join(lines) + "\n}\n").encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "manifest") -> Manifest:

@@ -40,6 +40,24 @@ class PerRank:
         return f"PerRank({self.value!r})"
 
 
+class Pickled:
+    """Store this object with pickle, as a whole (e.g. the tutorial's "entire model" save).
+
+    Needs ``allow_pickle=True`` at save; the step then loads only with ``trusted=True``, because unpickling
+    runs code chosen by whoever wrote the checkpoint. Prefer state dicts.
+
+    Example::
+
+        mgr.save(step, {"model": Pickled(model)}, allow_pickle=True)
+        model = mgr.load(step, trusted=True)["model"]
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 def escape_part(part: str) -> str:
     return part.replace("%", "%25").replace(SEP, "%2F")
 
@@ -102,6 +120,8 @@ def flatten(state: Any, *, rank: int = 0, allow_pickle: bool = False) -> Flat:
             return obj
         if isinstance(obj, float):
             return _json_scalar(obj)
+        if isinstance(obj, Pickled):
+            return refuse(obj.value, key, f"a Pickled({_class_name(obj.value)})")
         if isinstance(obj, PerRank):
             return {"t": "per_rank", "v": {str(rank): walk(obj.value, join_key(key, f"~rank{rank}"), depth + 1)}}
         if isinstance(obj, torch.dtype):
