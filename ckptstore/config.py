@@ -129,8 +129,7 @@ class ManagerConfig:
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
                 raise ConfigError(
-                    "timeout_seconds must be a positive number of seconds or null, "
-                    f"got {t!r} ({_type_name(t)})"
+                    f"timeout_seconds must be a positive number of seconds or null, got {t!r} ({_type_name(t)})"
                 )
             default = IOOptions().timeout_seconds
             if io.timeout_seconds not in (default, t):
@@ -179,8 +178,7 @@ def _options_dict(value: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise ConfigError(
-            f"{where} must be a mapping (passed to fsspec as keyword arguments), got {value!r} "
-            f"({_type_name(value)})"
+            f"{where} must be a mapping (passed to fsspec as keyword arguments), got {value!r} ({_type_name(value)})"
         )
     bad = [k for k in value if not isinstance(k, str)]
     if bad:
@@ -204,9 +202,7 @@ def _interpolate_str(s: str, env: Mapping[str, str], where: str) -> str:
             raise ConfigError(f"{where}: unterminated reference '${{{body}' (expected ${{NAME}})")
         ref = _BODY.fullmatch(body)
         if ref is None:
-            raise ConfigError(
-                f"{where}: invalid reference '${{{body}}}' (expected ${{NAME}} or ${{NAME:-default}})"
-            )
+            raise ConfigError(f"{where}: invalid reference '${{{body}}}' (expected ${{NAME}} or ${{NAME:-default}})")
         name, default = ref.group("name"), ref.group("default")
         value = env.get(name)
         if default is not None:
@@ -319,11 +315,21 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 
 def _build(data: Mapping[Any, Any], env: Mapping[str, str]) -> ManagerConfig:
     _reject_unknown_keys(data, CONFIG_KEYS, "config")
-    d: dict[str, Any] = _interpolate(dict(data), env, "")
+    data = dict(data)
+    # A value replaced by an override is not interpolated: `root: ${SCRATCH}/run` must not fail on an unset
+    # SCRATCH when CKPTSTORE_ROOT says where to write anyway.
+    if env.get(ENV_ROOT):
+        data.pop("root", None)
+    if env.get(ENV_MIRROR):
+        if isinstance(data.get("mirror"), Mapping):
+            data["mirror"] = {k: v for k, v in data["mirror"].items() if k != "url"} | {"url": env[ENV_MIRROR]}
+        else:
+            data["mirror"] = env[ENV_MIRROR]
+    d: dict[str, Any] = _interpolate(data, env, "")
 
     root = d.get("root")
     if env.get(ENV_ROOT):
-        root = env[ENV_ROOT]
+        root = env[ENV_ROOT]  # re-applied: override values are never interpolated
     if root is None:
         raise ConfigError(
             f"root is required (the checkpoint directory or URL): set 'root:' in the config or ${ENV_ROOT}"
@@ -338,9 +344,7 @@ def _build(data: Mapping[Any, Any], env: Mapping[str, str]) -> ManagerConfig:
             # The value is not echoed: it typically carries credentials.
             raise ConfigError(f"${ENV_STORAGE_OPTIONS} is not valid JSON: {e.msg} at char {e.pos}") from None
         if not isinstance(env_options, dict):
-            raise ConfigError(
-                f"${ENV_STORAGE_OPTIONS} must be a JSON object, got a {type(env_options).__name__}"
-            )
+            raise ConfigError(f"${ENV_STORAGE_OPTIONS} must be a JSON object, got a {type(env_options).__name__}")
         storage_options = _deep_merge(storage_options, env_options)
 
     mirror, mirror_options = d.get("mirror"), {}
@@ -356,7 +360,7 @@ def _build(data: Mapping[Any, Any], env: Mapping[str, str]) -> ManagerConfig:
             f"got {mirror!r} ({_type_name(mirror)})"
         )
     if env.get(ENV_MIRROR):
-        mirror = env[ENV_MIRROR]
+        mirror = env[ENV_MIRROR]  # re-applied: override values are never interpolated
 
     io = d.get("io")
     if io is None:
@@ -403,9 +407,7 @@ def load_config(
     if isinstance(source, Mapping):
         return _build(source, env)
     if not isinstance(source, (str, os.PathLike)):
-        raise ConfigError(
-            f"config source must be a YAML file path or a dict, got {source!r} ({_type_name(source)})"
-        )
+        raise ConfigError(f"config source must be a YAML file path or a dict, got {source!r} ({_type_name(source)})")
     path = os.path.expanduser(os.fspath(source))
     data = _read_yaml(path)
     if data is None:

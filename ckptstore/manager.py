@@ -143,12 +143,14 @@ class CheckpointManager:
         retention: Any = None,
         io: IOOptions | dict[str, Any] | None = None,
         allow_pickle: bool = False,
+        async_save: bool = False,
         comm: Comm | None = None,
     ) -> None:
         self.io = io if isinstance(io, IOOptions) else IOOptions.from_dict(io)
         self.storage: Storage = open_storage(os.fspath(root), storage_options)
         self.url = self.storage.url
         self.allow_pickle = allow_pickle
+        self.async_save = async_save
         self.retention = _coerce_retention(retention)
         self.comm = comm if comm is not None else default_comm(self.io.timeout_seconds)
         self._manifests: dict[int, Manifest] = {}
@@ -175,7 +177,15 @@ class CheckpointManager:
             "retention": cfg.retention,
             "io": cfg.io,
             "allow_pickle": cfg.allow_pickle,
+            "async_save": cfg.async_save,
         }
+        if cfg.mirror:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"mirror {cfg.mirror!r}: tiered local -> remote mirroring is not available in this version yet; "
+                "use `ckptstore sync ROOT MIRROR --watch` next to the job instead"
+            )
         kwargs.update(overrides)
         return cls(cfg.root, **kwargs)
 
@@ -296,7 +306,7 @@ class CheckpointManager:
         epoch: int | None = None,
         metrics: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
-        blocking: bool = True,
+        blocking: bool | None = None,
         allow_pickle: bool | None = None,
     ) -> SaveResult | PendingSave:
         """Save ``state`` as ``step``; the manifest is written last, once, as the commit.
@@ -311,6 +321,8 @@ class CheckpointManager:
         """
         self._check_open()
         step = _check_step(step)
+        if blocking is None:
+            blocking = not self.async_save
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
             raise UnsupportedValueError(f"epoch must be an int or None, got {epoch!r}")
         metrics = dict(metrics or {})

@@ -83,12 +83,7 @@ def _positive_int(value: Any, where: str) -> int:
 
 
 def _positive_number(value: Any, where: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{where} must be a positive number, got {value!r} ({_type_name(value)})")
     return float(value)
 
@@ -112,8 +107,12 @@ def _reject_unknown_keys(d: Mapping[Any, Any], valid: Iterable[str], where: str)
     if not unknown:
         return
     parts = []
+    lowered = {v.lower(): v for v in valid}
     for k in unknown:
-        hint = difflib.get_close_matches(str(k), valid, n=1)
+        # Case-insensitive: `K` should suggest `k`, `Keep_Last` should suggest `keep_last`.
+        key = str(k).lower()
+        hint = [lowered[key]] if key in lowered else difflib.get_close_matches(key, list(lowered), n=1)
+        hint = [lowered[h] for h in hint]
         parts.append(f"{k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
     noun = "key" if len(unknown) == 1 else "keys"
     raise ConfigError(f"unknown {where} {noun} {', '.join(parts)}; valid keys: {', '.join(valid)}")
@@ -232,7 +231,12 @@ class KeepBest(_Policy):
         return f"best {self.k} by {self.metric} ({self.mode})"
 
     def _reasons(self, infos: Sequence[CheckpointInfo], *, now: float) -> dict[int, str]:
-        return {s: f"{self.describe()} [{self.metric}={v:g}]" for s, v in self.ranked(infos)[: self.k]}
+        # Annotate what keep() returned (a subclass may override keep), not what ranked() would pick.
+        values = dict(self.ranked(infos))
+        return {
+            s: f"{self.describe()} [{self.metric}={values[s]:g}]" if s in values else self.describe()
+            for s in self.keep(infos, now=now)
+        }
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -256,8 +260,7 @@ class KeepEvery(_Policy):
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(
-                "KeepEvery needs exactly one of steps= or epochs=, "
-                f"got steps={self.steps!r}, epochs={self.epochs!r}"
+                f"KeepEvery needs exactly one of steps= or epochs=, got steps={self.steps!r}, epochs={self.epochs!r}"
             )
         if self.steps is not None:
             _positive_int(self.steps, "KeepEvery: steps")
@@ -280,23 +283,21 @@ class KeepEvery(_Policy):
         return set(self._first_of_epoch(infos))
 
     def __repr__(self) -> str:
-        return (
-            f"KeepEvery(steps={self.steps!r})"
-            if self.steps is not None
-            else f"KeepEvery(epochs={self.epochs!r})"
-        )
+        return f"KeepEvery(steps={self.steps!r})" if self.steps is not None else f"KeepEvery(epochs={self.epochs!r})"
 
     def describe(self) -> str:
         if self.steps is not None:
             return f"every {self.steps} steps"
-        return (
-            "first step of every epoch" if self.epochs == 1 else f"first step of every {self.epochs} epochs"
-        )
+        return "first step of every epoch" if self.epochs == 1 else f"first step of every {self.epochs} epochs"
 
     def _reasons(self, infos: Sequence[CheckpointInfo], *, now: float) -> dict[int, str]:
         if self.steps is not None:
             return super()._reasons(infos, now=now)
-        return {s: f"{self.describe()} [epoch {e}]" for s, e in self._first_of_epoch(infos).items()}
+        epochs = self._first_of_epoch(infos)
+        return {
+            s: f"{self.describe()} [epoch {epochs[s]}]" if s in epochs else self.describe()
+            for s in self.keep(infos, now=now)
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -341,10 +342,14 @@ class KeepInterval(_Policy):
         return f"newest step per {self.seconds:g}s interval"
 
     def _reasons(self, infos: Sequence[CheckpointInfo], *, now: float) -> dict[int, str]:
+        winners = self._winners(infos, now)
         out = {}
-        for step, bucket in self._winners(infos, now).items():
-            start = _dt.datetime.fromtimestamp(bucket * self.seconds, tz=_dt.timezone.utc)
-            out[step] = f"{self.describe()} [from {start.strftime('%Y-%m-%dT%H:%M:%SZ')}]"
+        for step in self.keep(infos, now=now):
+            if step in winners:
+                start = _dt.datetime.fromtimestamp(winners[step] * self.seconds, tz=_dt.timezone.utc)
+                out[step] = f"{self.describe()} [from {start.strftime('%Y-%m-%dT%H:%M:%SZ')}]"
+            else:
+                out[step] = self.describe()
         return out
 
 
@@ -387,9 +392,7 @@ class AnyOf(_Policy):
         flat: list[RetentionPolicy] = []
         for p in policies:
             if not _is_policy(p):
-                raise ConfigError(
-                    f"AnyOf members must be retention policies (with a keep() method), got {p!r}"
-                )
+                raise ConfigError(f"AnyOf members must be retention policies (with a keep() method), got {p!r}")
             flat.extend(p.policies if isinstance(p, AnyOf) else (p,))
         if not flat:
             raise ConfigError("AnyOf needs at least one policy")
@@ -421,9 +424,7 @@ def _leaves(policy: RetentionPolicy) -> Iterator[RetentionPolicy]:
         yield policy
 
 
-def _policy_reasons(
-    policy: RetentionPolicy, infos: Sequence[CheckpointInfo], now: float
-) -> dict[int, list[str]]:
+def _policy_reasons(policy: RetentionPolicy, infos: Sequence[CheckpointInfo], now: float) -> dict[int, list[str]]:
     reasons: dict[int, list[str]] = {}
     for p in _leaves(policy):
         if isinstance(p, _Policy):
@@ -492,9 +493,7 @@ def explain(
     protect_set = set(_step_list(protect, "protect"))
     newest = max(by_step)  # integer max: never a string sort or an mtime
 
-    reasons: dict[int, list[str]] = (
-        {} if policy is None else _policy_reasons(policy, list(by_step.values()), now)
-    )
+    reasons: dict[int, list[str]] = {} if policy is None else _policy_reasons(policy, list(by_step.values()), now)
     best: dict[int, list[str]] = {}
     if policy is not None:
         for p in _leaves(policy):
@@ -600,9 +599,7 @@ def retention_from_dict(d: Mapping[str, Any] | None, *, where: str = "retention"
         k = _positive_int(kb.get("k", 1), f"{where}.keep_best.k")
         metric = kb.get("metric", "loss")
         if not isinstance(metric, str) or not metric:
-            raise ConfigError(
-                f"{where}.keep_best.metric must be a non-empty string (a metric name), got {metric!r}"
-            )
+            raise ConfigError(f"{where}.keep_best.metric must be a non-empty string (a metric name), got {metric!r}")
         mode = kb.get("mode", "min")
         if mode not in ("min", "max"):
             raise ConfigError(f"{where}.keep_best.mode must be 'min' or 'max', got {mode!r}")
@@ -635,9 +632,7 @@ def coerce_retention(x: RetentionPolicy | Mapping[str, Any] | None) -> Retention
     if isinstance(x, Mapping):
         return retention_from_dict(x)
     if isinstance(x, type):
-        raise ConfigError(
-            f"retention must be a policy instance, not the class {x.__name__} (e.g. KeepLast(n=3))"
-        )
+        raise ConfigError(f"retention must be a policy instance, not the class {x.__name__} (e.g. KeepLast(n=3))")
     if _is_policy(x):
         return x
     raise ConfigError(

@@ -1,0 +1,35 @@
+# Entry points. Each target installs what it needs into .venv first (scripts/bootstrap.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test test-all lint demo bench bench-quick clean
+
+install:
+	@bash scripts/bootstrap.sh
+
+# The test command (README, .ci/run): lint, then the suite (slow soak variants excluded).
+test: install
+	$(VENV)/bin/ruff check ckptstore tests benchmarks examples
+	$(PY) -m pytest -q
+
+# Also the slow soak variants.
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+lint: install
+	$(VENV)/bin/ruff check ckptstore tests benchmarks examples
+
+# The main job: train the tutorial model, checkpoint every epoch, restore into fresh objects, continue, compare.
+demo: install
+	$(PY) examples/tutorial.py --root ./checkpoints/tutorial
+
+bench: install
+	@CKPTSTORE_EXTRAS=test,bench bash scripts/bootstrap.sh
+	$(PY) -m benchmarks.run
+
+bench-quick: install
+	@CKPTSTORE_EXTRAS=test,bench bash scripts/bootstrap.sh
+	$(PY) -m benchmarks.run --quick
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache
