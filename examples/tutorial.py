@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn, optim
 
 from ckptstore import CheckpointManager
@@ -87,7 +87,11 @@ def run(root: str, epochs: int, resume_after: int, batches: int, verbose: bool =
         for epoch in range(resume_after):
             loss = train_epoch(model, opt, epoch, batches)
             res = mgr.save(
-                epoch, {"model": model, "optim": opt}, epoch=epoch, metrics={"loss": loss}, metadata={"example": "tutorial"}
+                epoch,
+                {"model": model, "optim": opt},
+                epoch=epoch,
+                metrics={"loss": loss},
+                metadata={"example": "tutorial"},
             )
             say(
                 f"epoch {epoch}: loss {loss:.4f} -> saved step {res.step} to {res.url} "

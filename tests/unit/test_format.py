@@ -22,9 +22,7 @@ def _golden_manifest() -> Manifest:
         step=7,
         tree={"t": "dict", "k": ["w", "n"], "v": [{"t": "tensor", "key": "w"}, 3]},
         tensors={
-            "w": TensorEntry(
-                "float32", (2,), (Piece("shard-00000000-r0-0.safetensors", 80, 88, 0x1234ABCD),), "cpu"
-            )
+            "w": TensorEntry("float32", (2,), (Piece("shard-00000000-r0-0.safetensors", 80, 88, 0x1234ABCD),), "cpu")
         },
         files={"shard-00000000-r0-0.safetensors": 88},
         epoch=1,
@@ -149,7 +147,14 @@ def _hdr(obj: dict, data_len: int) -> tuple[bytes, int]:
 @pytest.mark.parametrize(
     "obj, data_len, err",
     [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "overlaps"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            12,
+            "overlaps",
+        ),
         ({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, 8, "does not match"),
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8, "outside the file"),
         ({"a": {"dtype": "XX", "shape": [2], "data_offsets": [0, 8]}}, 8, "unknown dtype"),

@@ -79,8 +79,10 @@ def test_round_trip_of_every_value_type(root: str) -> None:
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
             assert out[k].dtype == v.dtype and out[k].shape == v.shape, k
-            assert torch.equal(out[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else out[k],
-                               v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v), k
+            assert torch.equal(
+                out[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else out[k],
+                v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
+            ), k
     assert out["nested"]["list"][:5] == [1, 2.5, "s", None, True]
     assert torch.equal(out["nested"]["list"][5]["deep"], torch.ones(2))
     assert out["nested"]["tuple"] == (1, (2, 3)) and isinstance(out["nested"]["tuple"][1], tuple)
@@ -133,7 +135,9 @@ def test_restore_reads_into_existing_storage(root: str) -> None:
 
 def test_restore_updates_plain_containers_in_place(root: str) -> None:
     with CheckpointManager(root) as mgr:
-        mgr.save(3, {"extra": {"seen": 123, "hist": [1, 2]}, "w": torch.arange(4.0), "rng": PerRank(torch.get_rng_state())})
+        mgr.save(
+            3, {"extra": {"seen": 123, "hist": [1, 2]}, "w": torch.arange(4.0), "rng": PerRank(torch.get_rng_state())}
+        )
         extra = {"seen": 0, "hist": [0, 0]}
         w = torch.zeros(4)
         rng = PerRank(None)
@@ -225,7 +229,7 @@ def test_truncated_shard_is_never_loaded_silently(tmp_path: Path) -> None:
         mgr.load(1, verify=False)
 
 
-@pytest.mark.parametrize("content", [b"", b"{\"format\": \"ckptstore\"", b"\x00" * 64, b"[1,2,3]"])
+@pytest.mark.parametrize("content", [b"", b'{"format": "ckptstore"', b"\x00" * 64, b"[1,2,3]"])
 def test_truncated_or_garbage_manifest(tmp_path: Path, content: bytes) -> None:
     mgr = CheckpointManager(str(tmp_path / "c"))
     mgr.save(1, {"w": torch.ones(3)})
@@ -297,7 +301,9 @@ def test_listing_sorts_as_integers_and_queries(root: str) -> None:
     with CheckpointManager(root) as mgr:
         losses = {1: 0.9, 2: 0.5, 10: 0.7, 100: 0.3, 9: float("nan"), 11: None}
         for s, loss in losses.items():
-            mgr.save(s, {"w": torch.full((2,), float(s))}, epoch=s // 10, metrics={} if loss is None else {"loss": loss})
+            mgr.save(
+                s, {"w": torch.full((2,), float(s))}, epoch=s // 10, metrics={} if loss is None else {"loss": loss}
+            )
         assert mgr.steps() == [1, 2, 9, 10, 11, 100]
         assert mgr.latest().step == 100
         assert mgr.best("loss", "min").step == 100
@@ -327,8 +333,10 @@ def test_partial_steps_are_invisible_and_garbage_collected(tmp_path: Path) -> No
     assert mgr.restore({"w": torch.zeros(2)}).step == 1
     assert mgr.gc(min_age_seconds=3600) == []  # too young: could be a save in progress
     removed = mgr.gc(min_age_seconds=0)
-    assert sorted(removed) == ["step-000000000001/shard-0badf00d-r0-0.safetensors",
-                               "step-000000000002/shard-deadbeef-r0-0.safetensors"]
+    assert sorted(removed) == [
+        "step-000000000001/shard-0badf00d-r0-0.safetensors",
+        "step-000000000002/shard-deadbeef-r0-0.safetensors",
+    ]
     assert not partial.exists() and not orphan.exists()
     assert torch.equal(mgr.load(1)["w"], torch.ones(2))
 
