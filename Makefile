@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-all lint demo bench bench-quick clean
+.PHONY: install test test-all lint demo tutorial bench bench-quick clean
 
 install:
 	@bash scripts/bootstrap.sh
@@ -19,8 +19,14 @@ test-all: install
 lint: install
 	$(VENV)/bin/ruff check ckptstore tests benchmarks examples
 
-# The main job: train the tutorial model, checkpoint every epoch, restore into fresh objects, continue, compare.
+# The main job: DDP training on 2 CPU ranks (torchrun), SIGTERM mid-run, resume from the latest step, and a
+# bit-exact comparison with an uninterrupted run. STORE=s3 checkpoints to a moto S3 server on 127.0.0.1.
+STORE ?= local
 demo: install
+	$(PY) examples/train.py demo --store $(STORE)
+
+# The seed tutorial, single process: checkpoint every epoch, restore into fresh objects, continue, compare.
+tutorial: install
 	$(PY) examples/tutorial.py --root ./checkpoints/tutorial
 
 bench: install
