@@ -4,19 +4,43 @@
 small metadata; a separate group keeps checkpoint traffic from interleaving with the training's own NCCL/gloo
 collectives, which matters when a background thread saves) with a bounded timeout, so a dead rank turns into
 an error instead of a hang.
+
+Failures of a collective (a peer died, a peer is stuck past the timeout) surface as
+:class:`~ckptstore.errors.DistributedSaveError` naming the rank(s) at fault. To name them, every rank records
+in the job's rendezvous store how many checkpoint collectives it has entered; when one fails, the ranks that
+never entered it are the dead or stuck ones. The store only carries these diagnostics, never checkpoint data.
+
+Example::
+
+    comm = TorchComm(timeout_seconds=60)          # every rank, same order (creates a gloo group)
+    plans = comm.gather(my_boxes, what="plan")     # list on rank 0, None elsewhere
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
+import json
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .errors import DistributedSaveError
 
 log = logging.getLogger("ckptstore")
 
+T = TypeVar("T")
+
+# TorchComm instances are created in the same order on every rank (like process groups), so a per-process
+# counter gives every rank the same store namespace for the same communicator.
+_instances = itertools.count()
+
 
 class Comm:
-    """Single process: rank 0 of 1. Every collective is the identity."""
+    """Single process: rank 0 of 1. Every collective is the identity.
+
+    ``what`` names the protocol step in error messages (e.g. ``"gather of write reports for step 7"``).
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -25,18 +49,18 @@ class Comm:
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
-    def gather(self, obj: Any) -> list[Any] | None:
+    def gather(self, obj: Any, *, what: str = "gather") -> list[Any] | None:
         """Objects of every rank, on rank 0 (None elsewhere)."""
         return [obj]
 
-    def all_gather(self, obj: Any) -> list[Any]:
+    def all_gather(self, obj: Any, *, what: str = "all_gather") -> list[Any]:
         return [obj]
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, *, what: str = "broadcast") -> Any:
         """Rank 0's object, on every rank."""
         return obj
 
-    def barrier(self) -> None:
+    def barrier(self, *, what: str = "barrier") -> None:
         return None
 
 
@@ -44,9 +68,15 @@ LocalComm = Comm
 
 
 class TorchComm(Comm):
-    """Collectives on an initialised torch.distributed default group (gloo or NCCL)."""
+    """Collectives on a dedicated gloo group of an initialised torch.distributed job (gloo or NCCL default).
 
-    def __init__(self, timeout_seconds: float = 600.0, group: Any = None) -> None:
+    Every collective is bounded by ``timeout_seconds``. A failed collective raises ``DistributedSaveError``
+    whose ``failed_ranks`` names the ranks that never reached it, and leaves the communicator unusable: after a
+    timeout the group's message streams are out of step, so later collectives fail fast instead of pairing
+    the wrong messages. Recovering needs a new process group, in practice a restart of the job.
+    """
+
+    def __init__(self, timeout_seconds: float = 600.0, group: Any = None, store: Any = None) -> None:
         import torch.distributed as dist
 
         self._dist = dist
@@ -59,24 +89,120 @@ class TorchComm(Comm):
             group = dist.new_group(backend="gloo", timeout=timeout)
         self.group = group
         self.timeout = timeout
+        self._store = store if store is not None else _default_store()
+        self._ns = f"ckptstore/comm{next(_instances)}"
+        self._seq = 0
+        self._broken: DistributedSaveError | None = None
 
-    def gather(self, obj: Any) -> list[Any] | None:
-        out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-        self._dist.gather_object(obj, out, dst=0, group=self.group)
-        return out
+    def gather(self, obj: Any, *, what: str = "gather") -> list[Any] | None:
+        def run() -> list[Any] | None:
+            out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+            self._dist.gather_object(obj, out, dst=0, group=self.group)
+            return out
 
-    def all_gather(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        self._dist.all_gather_object(out, obj, group=self.group)
-        return out
+        return self._call(what, run)
 
-    def broadcast(self, obj: Any) -> Any:
-        box = [obj if self.rank == 0 else None]
-        self._dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+    def all_gather(self, obj: Any, *, what: str = "all_gather") -> list[Any]:
+        def run() -> list[Any]:
+            out: list[Any] = [None] * self.world_size
+            self._dist.all_gather_object(out, obj, group=self.group)
+            return out
 
-    def barrier(self) -> None:
-        self._dist.barrier(group=self.group)
+        return self._call(what, run)
+
+    def broadcast(self, obj: Any, *, what: str = "broadcast") -> Any:
+        def run() -> Any:
+            box = [obj if self.rank == 0 else None]
+            self._dist.broadcast_object_list(box, src=0, group=self.group)
+            return box[0]
+
+        return self._call(what, run)
+
+    def barrier(self, *, what: str = "barrier") -> None:
+        self._call(what, lambda: self._dist.barrier(group=self.group))
+
+    # -- failure handling -------------------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        if self._broken is not None:
+            raise DistributedSaveError(
+                f"rank {self.rank}: cannot run {what}: the checkpoint process group is unusable since an earlier "
+                f"failure ({self._broken}); restart the job",
+                failed_ranks=self._broken.failed_ranks,
+            )
+        self._seq += 1
+        seq = self._seq
+        self._put(f"seq/{self.rank}", str(seq))
+        try:
+            return fn()
+        except Exception as e:  # gloo raises RuntimeError/DistBackendError; unpickling may raise anything
+            failed = self._culprits(seq, what)
+            names = ", ".join(f"rank {r}" for r in sorted(failed)) or "unknown rank(s)"
+            err = DistributedSaveError(
+                f"rank {self.rank}: {what} (checkpoint collective #{seq}) failed within the "
+                f"{self.timeout.total_seconds():g}s timeout; failed: {names}. "
+                + "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
+                + f" [{type(e).__name__}: {_first_line(e)}]",
+                failed_ranks=failed,
+            )
+            self._broken = err
+            log.error("%s", err)
+            raise err from e
+
+    def _culprits(self, seq: int, what: str) -> dict[int, str]:
+        """Ranks that never entered collective ``seq``, merged with what other ranks already concluded."""
+        if self._store is None:
+            return {}
+        failed: dict[int, str] = {}
+        try:
+            for r in range(self.world_size):
+                if r == self.rank:
+                    continue
+                got = self._get(f"seq/{r}")
+                reached = int(got) if got is not None else 0
+                if reached < seq:
+                    failed[r] = f"never reached {what} (collective #{seq}; it got to #{reached}): dead or stuck"
+            # A rank that arrives late sees every peer at this step; the peers that gave up on it already
+            # recorded their verdict, so every surviving rank names the same culprit.
+            for r in range(self.world_size):
+                got = self._get(f"fail/{seq}/{r}") if r != self.rank else None
+                if got is not None:
+                    for k, v in json.loads(got).items():
+                        failed.setdefault(int(k), v)
+            self._put(f"fail/{seq}/{self.rank}", json.dumps({str(k): v for k, v in failed.items()}))
+        except Exception as e:  # the store may be gone with the rank that hosted it
+            log.warning("could not determine which rank failed (rendezvous store unreachable: %s)", e)
+        return failed
+
+    def _put(self, key: str, value: str) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.set(f"{self._ns}/{key}", value)
+        except Exception as e:  # diagnostics only: never fail a collective because of them
+            log.debug("ckptstore: store.set(%s) failed: %s", key, e)
+
+    def _get(self, key: str) -> str | None:
+        assert self._store is not None
+        full = f"{self._ns}/{key}"
+        # check() does not block; get() would wait for a key that a dead rank never writes.
+        if not self._store.check([full]):
+            return None
+        return bytes(self._store.get(full)).decode()
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else ""
+
+
+def _default_store() -> Any:
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception as e:  # private API; failure only costs the names of failed ranks in error messages
+        log.debug("ckptstore: no default store (%s); failed ranks will not be named", e)
+        return None
 
 
 def default_comm(timeout_seconds: float = 600.0) -> Comm:

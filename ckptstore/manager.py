@@ -63,6 +63,12 @@ def _tensor_local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], t
     if DTensor and isinstance(t, DTensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+        if any(p.is_partial() for p in t.placements):
+            # A Partial local tensor is a summand, not a box of the value: writing it would store wrong data.
+            raise UnsupportedValueError(
+                f"cannot checkpoint a DTensor with a Partial placement {t.placements}; reduce it first, e.g. "
+                "t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)"
+            )
         local = t.to_local()
         _, offs = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         return local, tuple(t.shape), tuple(int(o) for o in offs)
@@ -399,7 +405,7 @@ class CheckpointManager:
                 exists = None
                 decision["error"] = f"cannot check {self.url}: {e}"
             decision.update(exists=exists, save_id=uuid.uuid4().hex[:8])
-        decision = comm.broadcast(decision)
+        decision = comm.broadcast(decision, what=f"start of the save of step {job.step}")
         if decision.get("error"):
             raise DistributedSaveError(decision["error"], failed_ranks={0: decision["error"]})
         if decision["exists"]:
@@ -409,50 +415,70 @@ class CheckpointManager:
                 step=job.step,
             )
         save_id = decision["save_id"]
-        # 2. Plan: gather every rank's boxes, rank 0 plans, broadcast.
-        all_specs = comm.gather(job.specs)
-        plan: WritePlan | None = None
-        plan_err = None
-        if comm.rank == 0:
-            try:
-                plan = plan_writes(all_specs or [job.specs], save_id=save_id, options=self.io)
-            except ValueError as e:
-                plan_err = str(e)
-        plan, plan_err = comm.broadcast((plan, plan_err))
-        if plan_err:
-            raise DistributedSaveError(f"cannot plan step {job.step}: {plan_err}", failed_ranks={0: plan_err})
-        assert plan is not None
-        # 3. Write my files.
-        mine = plan.for_rank(comm.rank)
-        report: dict[str, Any]
+        committed = False
         try:
-            written = write_files(self.storage, prefix, mine, job.sources, self.io)
-            report = {"ok": True, "files": written, "tree": job.tree}
-        except Exception as e:
-            if not comm.is_distributed:
-                raise
-            log.error("rank %d failed writing step %d: %r", comm.rank, job.step, e)
-            report = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        # 4. Rank 0 commits iff every rank succeeded; the outcome is broadcast.
-        reports = comm.gather(report)
-        outcome: dict[str, Any] = {}
-        if comm.rank == 0:
-            assert reports is not None
-            failed = {r: rep["error"] for r, rep in enumerate(reports) if not rep["ok"]}
-            if failed:
-                outcome = {"ok": False, "failed": failed}
-            else:
+            # 2. Plan: gather every rank's boxes, rank 0 plans, broadcast.
+            all_specs = comm.gather(job.specs, what=f"gather of tensor boxes for step {job.step}")
+            plan: WritePlan | None = None
+            plan_err = None
+            if comm.rank == 0:
                 try:
-                    m = self._build_manifest(job, all_specs or [job.specs], reports, save_id)
-                    self._commit(job.step, m)
-                    outcome = {"ok": True, "nbytes": m.nbytes, "files": len(m.files)}
-                except CheckpointExistsError as e:
-                    outcome = {"ok": False, "exists": str(e)}
-                except Exception as e:
+                    plan = plan_writes(all_specs or [job.specs], save_id=save_id, options=self.io)
+                except Exception as e:  # any planning error must reach the other ranks, or they would wait
                     if not comm.is_distributed:
                         raise
-                    outcome = {"ok": False, "failed": {0: f"{type(e).__name__}: {e}"}}
-        outcome = comm.broadcast(outcome)
+                    plan_err = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            plan, plan_err = comm.broadcast((plan, plan_err), what=f"broadcast of the write plan for step {job.step}")
+            if plan_err:
+                raise DistributedSaveError(f"cannot plan step {job.step}: {plan_err}", failed_ranks={0: plan_err})
+            assert plan is not None
+            # 3. Write my files.
+            mine = plan.for_rank(comm.rank)
+            report: dict[str, Any]
+            try:
+                written = write_files(self.storage, prefix, mine, job.sources, self.io)
+                report = {"ok": True, "files": written, "tree": job.tree}
+            except Exception as e:
+                if not comm.is_distributed:
+                    raise
+                log.error("rank %d failed writing step %d: %r", comm.rank, job.step, e)
+                report = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            # 4. Rank 0 commits iff every rank succeeded; the outcome is broadcast.
+            reports = comm.gather(report, what=f"gather of write reports for step {job.step}")
+            outcome: dict[str, Any] = {}
+            if comm.rank == 0:
+                assert reports is not None
+                failed = {r: rep["error"] for r, rep in enumerate(reports) if not rep["ok"]}
+                if failed:
+                    outcome = {"ok": False, "failed": failed}
+                else:
+                    try:
+                        m = self._build_manifest(job, all_specs or [job.specs], reports, save_id)
+                        self._commit(job.step, m)
+                        committed = True
+                        outcome = {"ok": True, "nbytes": m.nbytes, "files": len(m.files)}
+                    except CheckpointExistsError as e:
+                        outcome = {"ok": False, "exists": str(e)}
+                    except Exception as e:
+                        if not comm.is_distributed:
+                            raise
+                        outcome = {"ok": False, "failed": {0: f"{type(e).__name__}: {e}"}}
+            try:
+                outcome = comm.broadcast(outcome, what=f"broadcast of the commit outcome for step {job.step}")
+            except DistributedSaveError as e:
+                if committed:
+                    raise DistributedSaveError(
+                        f"step {job.step} IS committed (its manifest is written), but telling the other ranks "
+                        f"failed: {e}",
+                        failed_ranks=e.failed_ranks,
+                    ) from e
+                raise
+        except DistributedSaveError:
+            # A collective failed (a rank died or is stuck) or the plan was refused: nothing is committed and
+            # the files of this attempt are garbage. A committed step is never cleaned up.
+            if not committed:
+                self._cleanup_attempt(prefix, save_id)
+            raise
         if not outcome["ok"]:
             self._cleanup_attempt(prefix, save_id)
             if "exists" in outcome:
@@ -662,7 +688,19 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         comm = self.comm
-        cands = comm.broadcast(self._candidates(step) if comm.rank == 0 else None)
+        # "latest"/"best" is decided once, by rank 0: ranks listing the storage themselves could disagree while a
+        # save commits. A failure to decide reaches every rank instead of leaving them waiting.
+        decided: tuple[str, Any] = ("ok", None)
+        if comm.rank == 0:
+            try:
+                decided = ("ok", self._candidates(step))
+            except Exception as e:
+                if not comm.is_distributed:
+                    raise
+                decided = ("err", (type(e).__name__, str(e)))
+        kind_, cands = comm.broadcast(decided, what=f"choice of the step to restore ({step!r})")
+        if kind_ == "err":
+            raise _remote_error(0, cands[0], cands[1], step if isinstance(step, int) else None)
         if not cands:
             raise CheckpointNotFoundError(f"no committed step under {self.url}")
         last: BaseException | None = None
@@ -672,13 +710,13 @@ class CheckpointManager:
             try:
                 m = self._manifest(s)
                 self._restore_from(m, state, map_location, strict, verify, trusted)
-            except (IntegrityError, ManifestError) as e:
-                err = e
-            except CheckpointError as e:
+            except Exception as e:  # every rank must reach the all_gather below, whatever went wrong here
                 err = e
             finally:
                 self._restoring.discard(s)
-            errs = comm.all_gather(None if err is None else (type(err).__name__, str(err)))
+            errs = comm.all_gather(
+                None if err is None else (type(err).__name__, str(err)), what=f"restore outcome of step {s}"
+            )
             bad = [(r, e) for r, e in enumerate(errs) if e is not None]
             if not bad:
                 return self._info(self._manifest(s))
@@ -688,7 +726,7 @@ class CheckpointManager:
                 if fatal is not None:
                     raise fatal
                 r, (kind, msg) = bad[0]
-                raise IntegrityError(f"rank {r} could not restore step {s}: {kind}: {msg}", step=s)
+                raise _remote_error(r, kind, f"could not restore step {s}: {msg}", s)
             log.warning("step %d does not verify (%s); falling back to the previous step", s, bad[0][1][1])
             last = fatal or IntegrityError(bad[0][1][1], step=s)
         assert last is not None
@@ -1013,6 +1051,50 @@ class CheckpointManager:
         if self._closed:
             raise CheckpointError(f"{self!r} is closed")
 
+    # -- inference artifacts (ckptstore.artifacts) ---------------------------------------------------------------
+    def save_artifact(self, step: int, name: str, obj: Any) -> Any:
+        """Store a ``torch.export.ExportedProgram`` or TorchScript module as artifact ``name`` of committed ``step``.
+
+        Stored beside the (immutable) manifest as ``artifact-<name>.pt2``/``.ts`` plus a JSON sidecar written last.
+        Only rank 0 writes (other ranks return None). Returns an :class:`ckptstore.artifacts.ArtifactInfo`.
+
+        Example::
+
+            mgr.save_artifact(1200, "serving", torch.export.export(model.eval(), (x,)))
+        """
+        from .artifacts import save_artifact
+
+        self._check_open()
+        self.wait()
+        step = _check_step(step)
+        if self.comm.rank != 0:
+            return None
+        return save_artifact(self.storage, step, name, obj)
+
+    def load_artifact(self, step: int, name: str, *, map_location: Any = None) -> Any:
+        """Load artifact ``name`` of ``step`` (size and crc32c checked first) — no model class needed.
+
+        Artifacts are loaded only when asked for: ``torch.jit.load`` runs TorchScript code and
+        ``torch.export.load`` rebuilds an operator graph; load artifacts you trust to run.
+
+        Example::
+
+            program = mgr.load_artifact(1200, "serving")
+            y = program.module()(x)
+        """
+        from .artifacts import load_artifact
+
+        self._check_open()
+        return load_artifact(self.storage, _check_step(step), name, map_location=map_location)
+
+    def artifacts(self, step: int) -> list[Any]:
+        """The artifacts stored with committed ``step`` (``ArtifactInfo`` objects, by name)."""
+        from .artifacts import list_artifacts
+
+        step = _check_step(step)
+        self._manifest(step)
+        return list_artifacts(self.storage, step)
+
 
 # -- helpers ------------------------------------------------------------------------------------------------
 @dataclass
@@ -1079,6 +1161,19 @@ def _seq_items(node: Any, path: str, rc: _ReadCtx) -> list[Any] | None:
         return list(node["v"])
     rc.problems.append(f"{path!r} is a sequence in the state but not in the checkpoint")
     return None
+
+
+def _remote_error(rank: int, kind: str, msg: str, step: int | None) -> CheckpointError:
+    """The error another rank hit, re-created here so that every rank raises the same type."""
+    from . import errors
+
+    text = f"rank {rank}: {msg}"
+    if kind in ("IntegrityError", "CheckpointNotFoundError", "CheckpointExistsError"):
+        return getattr(errors, kind)(text, step=step)
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, CheckpointError) and cls is not errors.DistributedSaveError:
+        return cls(text)
+    return DistributedSaveError(f"{text} ({kind})", failed_ranks={rank: f"{kind}: {msg}"})
 
 
 def _merge_trees(trees: Sequence[Any]) -> Any:

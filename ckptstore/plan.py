@@ -89,11 +89,16 @@ def shard_file_name(save_id: str, rank: int, index: int) -> str:
     return f"shard-{save_id}-r{rank}-{index}.safetensors"
 
 
-def _split_rows(spec: LocalSpec, chunk_bytes: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def _split_rows(spec: LocalSpec, chunk_bytes: int, holders: int = 1) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     if spec.nbytes <= chunk_bytes or not spec.shape or spec.shape[0] <= 1 or spec.encoding != "raw":
         return [(spec.offsets, spec.shape)]
     rows = spec.shape[0]
-    n = min(rows, math.ceil(spec.nbytes / chunk_bytes))
+    n = math.ceil(spec.nbytes / chunk_bytes)
+    if holders > 1:
+        # A multiple of the holder count, so the chunks of one big replicated tensor spread evenly
+        # (a 100 MiB tensor at 4 ranks: 4 x 25 MiB rather than 2 x 50 MiB and two idle ranks).
+        n = math.ceil(n / holders) * holders
+    n = min(rows, n)
     per = math.ceil(rows / n)
     out = []
     for r0 in range(0, rows, per):
@@ -123,13 +128,17 @@ def plan_writes(per_rank: Sequence[Sequence[LocalSpec]], *, save_id: str, option
                     f"ranks disagree on tensor {s.key!r}: {meta[s.key]} vs {m} (rank {rank}); every rank must "
                     "save the same structure"
                 )
+            if s.nbytes == 0 and math.prod(s.global_shape) > 0:
+                # An empty local shard of a non-empty tensor (FSDP2 pads uneven dims, so trailing ranks may
+                # hold nothing): nothing to write, and its offsets may point past the end of the tensor.
+                continue
             box = (s.key, s.offsets, s.shape)
             holders.setdefault(box, []).append(rank)
             first.setdefault(box, s)
 
     items: list[tuple[WriteItem, list[int]]] = []
     for box, spec in first.items():
-        for offs, shape in _split_rows(spec, options.chunk_bytes):
+        for offs, shape in _split_rows(spec, options.chunk_bytes, len(holders[box])):
             whole = all(o == 0 for o in offs) and shape == spec.global_shape
             it = WriteItem(spec.key, offs, shape, math.prod(shape) * spec.itemsize, spec.order, whole)
             items.append((it, holders[box]))
@@ -137,7 +146,7 @@ def plan_writes(per_rank: Sequence[Sequence[LocalSpec]], *, save_id: str, option
     # Largest first onto the least-loaded holder: the classic LPT heuristic, deterministic on ties.
     load = [0] * world
     by_rank: list[list[WriteItem]] = [[] for _ in range(world)]
-    for it, ranks in sorted(items, key=lambda x: (-x[0].nbytes, x[0].order, x[0].offsets)):
+    for it, ranks in sorted(items, key=lambda x: (-x[0].nbytes, x[0].order, x[0].key, x[0].offsets)):
         r = min(ranks, key=lambda r: (load[r], r))
         load[r] += it.nbytes
         by_rank[r].append(it)
