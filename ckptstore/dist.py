@@ -136,12 +136,12 @@ class TorchComm(Comm):
             return fn()
         except Exception as e:  # gloo raises RuntimeError/DistBackendError; unpickling may raise anything
             failed = self._culprits(seq, what)
-            names = ", ".join(f"rank {r}" for r in sorted(failed)) or "unknown rank(s)"
+            why = "; ".join(f"rank {r} {m}" for r, m in sorted(failed.items())) or (
+                "every rank had reached it, so the failed rank is unknown (one died or stalled inside it)"
+            )
             err = DistributedSaveError(
                 f"rank {self.rank}: {what} (checkpoint collective #{seq}) failed within the "
-                f"{self.timeout.total_seconds():g}s timeout; failed: {names}. "
-                + "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
-                + f" [{type(e).__name__}: {_first_line(e)}]",
+                f"{self.timeout.total_seconds():g}s timeout: {why} [{type(e).__name__}: {_first_line(e)}]",
                 failed_ranks=failed,
             )
             self._broken = err
