@@ -45,6 +45,7 @@ from .format.state import PerRank, flatten, is_stateful, unflatten
 from .io import ReadTask, Source, plan_fill, read_pieces, write_files
 from .options import IOOptions
 from .plan import LocalSpec, WritePlan, plan_writes
+from .staging import StagingPool
 from .storage import Storage, open_storage
 from .types import CheckpointInfo, SaveResult
 
@@ -160,6 +161,7 @@ class CheckpointManager:
         self.retention = _coerce_retention(retention)
         self.comm = comm if comm is not None else default_comm(self.io.timeout_seconds)
         self._manifests: dict[int, Manifest] = {}
+        self._staging = StagingPool(self.io.staging_budget_bytes)
         self._lock = threading.Lock()
         self._pending: PendingSave | None = None
         self._executor: Any = None
@@ -339,9 +341,25 @@ class CheckpointManager:
         t0 = time.perf_counter()
         created_at = time.time()
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
-        flat = flatten(state, rank=self.comm.rank, allow_pickle=pickle_ok)
-        sources, specs = self._sources(flat, stage=not blocking)
-        job = _SaveJob(step, flat.tree, sources, specs, epoch, metrics, metadata, created_at, t0)
+        try:
+            flat = flatten(state, rank=self.comm.rank, allow_pickle=pickle_ok)
+            if not blocking and not self._staging.fits(_flat_nbytes(flat)):
+                log.warning(
+                    "step %d: state (%.1f MiB) exceeds the staging budget (%.1f MiB); saving synchronously",
+                    step,
+                    _flat_nbytes(flat) / 2**20,
+                    (self.io.staging_budget_bytes or 0) / 2**20,
+                )
+                blocking = True
+            sources, specs = self._sources(flat, stage=not blocking)
+            job = _SaveJob(step, flat.tree, sources, specs, epoch, metrics, metadata, created_at, t0)
+        except Exception as e:
+            if not self.comm.is_distributed:
+                raise
+            # Take part in the protocol anyway, so the other ranks learn about the failure at once instead of
+            # waiting for a collective that this rank would never join.
+            job = _SaveJob(step, None, {}, [], epoch, metrics, metadata, created_at, t0, prep_error=e)
+            blocking = True
         if blocking:
             return self._run_save(job)
         blocked = time.perf_counter() - t0
@@ -360,16 +378,12 @@ class CheckpointManager:
         order = 0
         for key, t in flat.tensors.items():
             local, gshape, offs = _tensor_local_box(t.detach())
-            if local.device.type != "cpu":
-                local = local.to("cpu")
-            elif stage:
-                local = local.clone(memory_format=torch.contiguous_format)
-            if not local.is_contiguous():
-                local = local.contiguous()
-            if local.is_conj():
-                local = local.resolve_conj()
-            if local.is_neg():
-                local = local.resolve_neg()
+            if local.device.type != "cpu" or stage:
+                # A snapshot in a reused host buffer: later training steps cannot change what gets written,
+                # and no fresh memory is touched after the first save.
+                local = self._staging.stage(key, local)
+            elif not local.is_contiguous() or local.is_conj() or local.is_neg():
+                local = local.resolve_conj().resolve_neg().contiguous()
             specs.append(
                 LocalSpec(
                     key,
@@ -391,6 +405,9 @@ class CheckpointManager:
             sources[key] = Source(raw, (0,), torch.uint8, "pickle")
             specs.append(LocalSpec(key, "uint8", 1, (raw.numel(),), (0,), (raw.numel(),), order, "pickle"))
             order += 1
+        self._staging.synchronize()
+        if stage:
+            self._staging.retain(set(flat.tensors))
         return sources, specs
 
     def _run_save(self, job: _SaveJob) -> SaveResult:
@@ -418,19 +435,32 @@ class CheckpointManager:
         committed = False
         try:
             # 2. Plan: gather every rank's boxes, rank 0 plans, broadcast.
-            all_specs = comm.gather(job.specs, what=f"gather of tensor boxes for step {job.step}")
+            mine_specs: Any = job.specs if job.prep_error is None else _PrepFailed(job.prep_error)
+            all_specs = comm.gather(mine_specs, what=f"gather of tensor boxes for step {job.step}")
             plan: WritePlan | None = None
             plan_err = None
+            prep_failed: dict[int, str] = {}
             if comm.rank == 0:
+                assert all_specs is not None
+                prep_failed = {r: x.message for r, x in enumerate(all_specs) if isinstance(x, _PrepFailed)}
+                if prep_failed:
+                    plan_err = "; ".join(f"rank {r} could not prepare its state: {m}" for r, m in prep_failed.items())
                 try:
-                    plan = plan_writes(all_specs or [job.specs], save_id=save_id, options=self.io)
+                    if not prep_failed:
+                        plan = plan_writes(all_specs or [job.specs], save_id=save_id, options=self.io)
                 except Exception as e:  # any planning error must reach the other ranks, or they would wait
                     if not comm.is_distributed:
                         raise
                     plan_err = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            plan, plan_err = comm.broadcast((plan, plan_err), what=f"broadcast of the write plan for step {job.step}")
+            plan, plan_err, prep_failed = comm.broadcast(
+                (plan, plan_err, prep_failed), what=f"broadcast of the write plan for step {job.step}"
+            )
+            if job.prep_error is not None:
+                raise job.prep_error  # this rank's own error, with its original type
             if plan_err:
-                raise DistributedSaveError(f"cannot plan step {job.step}: {plan_err}", failed_ranks={0: plan_err})
+                raise DistributedSaveError(
+                    f"cannot save step {job.step}: {plan_err}", failed_ranks=prep_failed or {0: plan_err}
+                )
             assert plan is not None
             # 3. Write my files.
             mine = plan.for_rank(comm.rank)
@@ -633,6 +663,11 @@ class CheckpointManager:
             if committed:
                 try:
                     keep |= set(self._manifest(s).files)
+                    # Artifacts committed next to the step (their sidecar exists) are part of it too.
+                    from .artifacts import list_artifacts, sidecar_name
+
+                    for a in list_artifacts(self.storage, s):
+                        keep |= {a.file, sidecar_name(a.name)}
                 except CheckpointError as e:
                     log.warning("gc: leaving step %d alone, its manifest is unreadable: %s", s, e)
                     continue
@@ -1109,6 +1144,18 @@ class _SaveJob:
     created_at: float
     t0: float
     blocking_seconds: float | None = None
+    prep_error: BaseException | None = None
+
+
+class _PrepFailed:
+    """Sent in place of a rank's tensor boxes when flattening/staging its state failed."""
+
+    def __init__(self, e: BaseException) -> None:
+        self.message = f"{type(e).__name__}: {e}"
+
+
+def _flat_nbytes(flat: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in flat.tensors.values())
 
 
 class _Pending:

@@ -38,10 +38,15 @@ class IOOptions:
     """Check crc32c of every piece on restore/load."""
     timeout_seconds: float = 600.0
     """Distributed collectives and waits give up after this long (no rank hangs forever)."""
+    staging_budget_bytes: int | None = None
+    """Most host memory async saves may hold in staging buffers (None: as much as the state needs). A state
+    larger than the budget is saved synchronously, with a warning."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "staging_budget_bytes" and v is None:
+                continue
             if f.name == "verify":
                 if not isinstance(v, bool):
                     raise ConfigError(f"io.verify must be true or false, got {v!r}")
