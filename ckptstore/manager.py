@@ -23,6 +23,7 @@ from .errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    ConfigError,
     DistributedSaveError,
     IntegrityError,
     ManifestError,
@@ -151,6 +152,8 @@ class CheckpointManager:
         io: IOOptions | dict[str, Any] | None = None,
         allow_pickle: bool = False,
         async_save: bool = False,
+        mirror: str | os.PathLike[str] | None = None,
+        mirror_storage_options: dict[str, Any] | None = None,
         comm: Comm | None = None,
     ) -> None:
         self.io = io if isinstance(io, IOOptions) else IOOptions.from_dict(io)
@@ -160,7 +163,17 @@ class CheckpointManager:
         self.async_save = async_save
         self.retention = _coerce_retention(retention)
         self.comm = comm if comm is not None else default_comm(self.io.timeout_seconds)
-        self._manifests: dict[int, Manifest] = {}
+        self._manifests: dict[tuple[str, int], Manifest] = {}
+        # Tiered storage: commit on the (fast, local) primary, then copy each committed step to the mirror in
+        # the background; restore takes the newest verified step of either tier.
+        self.mirror_storage: Storage | None = (
+            open_storage(os.fspath(mirror), mirror_storage_options) if mirror is not None else None
+        )
+        if self.mirror_storage is not None and self.mirror_storage.url == self.storage.url:
+            raise ConfigError(f"mirror {self.mirror_storage.url} is the same location as the root")
+        self._mirror_executor: Any = None
+        self._mirror_futures: list[Future[Any]] = []
+        self._mirror_pending: set[int] = set()
         self._staging = StagingPool(self.io.staging_budget_bytes)
         self._lock = threading.Lock()
         self._pending: PendingSave | None = None
@@ -188,12 +201,8 @@ class CheckpointManager:
             "async_save": cfg.async_save,
         }
         if cfg.mirror:
-            from .errors import ConfigError
-
-            raise ConfigError(
-                f"mirror {cfg.mirror!r}: tiered local -> remote mirroring is not available in this version yet; "
-                "use `ckptstore sync ROOT MIRROR --watch` next to the job instead"
-            )
+            kwargs["mirror"] = cfg.mirror
+            kwargs["mirror_storage_options"] = cfg.mirror_storage_options
         kwargs.update(overrides)
         return cls(cfg.root, **kwargs)
 
@@ -207,40 +216,56 @@ class CheckpointManager:
         return f"CheckpointManager({self.url!r})"
 
     # -- listing --------------------------------------------------------------------------------------------
-    def steps(self) -> list[int]:
-        """Committed steps (those with a manifest), ascending as integers."""
+    def _tier(self, tier: str) -> Storage:
+        if tier == "primary":
+            return self.storage
+        if tier == "mirror" and self.mirror_storage is not None:
+            return self.mirror_storage
+        raise ConfigError(f"unknown storage tier {tier!r} (this manager has: {', '.join(self.tiers)})")
+
+    @property
+    def tiers(self) -> list[str]:
+        """``["primary"]``, plus ``"mirror"`` for a tiered manager."""
+        return ["primary"] + (["mirror"] if self.mirror_storage is not None else [])
+
+    def steps(self, tier: Literal["primary", "mirror", "all"] = "primary") -> list[int]:
+        """Committed steps (those with a manifest), ascending as integers; ``tier="all"`` merges both tiers."""
+        if tier == "all":
+            return sorted({s for t in self.tiers for s in self.steps(t)})  # type: ignore[arg-type]
+        storage = self._tier(tier)
         out = []
-        for name in self.storage.list_dir(""):
+        for name in storage.list_dir(""):
             s = parse_step_dir(name)
-            if s is not None and (s in self._manifests or self.storage.exists(f"{name}/{MANIFEST_NAME}")):
+            if s is not None and ((tier, s) in self._manifests or storage.exists(f"{name}/{MANIFEST_NAME}")):
                 out.append(s)
         return sorted(out)
 
-    def _manifest(self, step: int) -> Manifest:
-        m = self._manifests.get(step)
+    def _manifest(self, step: int, tier: str = "primary") -> Manifest:
+        m = self._manifests.get((tier, step))
         if m is not None:
             return m
+        storage = self._tier(tier)
         rel = f"{step_dir(step)}/{MANIFEST_NAME}"
-        where = self.storage.url_of(rel)
+        where = storage.url_of(rel)
         try:
-            size = self.storage.size(rel)
+            size = storage.size(rel)
             if size > MAX_MANIFEST_BYTES:
                 raise ManifestError(f"{where}: {size} bytes is larger than allowed; refusing to read it")
-            data = self.storage.read_bytes(rel)
+            data = storage.read_bytes(rel)
         except (FileNotFoundError, EOFError):
             raise CheckpointNotFoundError(
-                f"step {step} is not committed under {self.url} (no {MANIFEST_NAME}); committed steps: "
-                f"{_fmt_steps(self.steps())}",
+                f"step {step} is not committed under {storage.url} (no {MANIFEST_NAME}); committed steps: "
+                f"{_fmt_steps(self.steps(tier))}",  # type: ignore[arg-type]
                 step=step,
             ) from None
         m = Manifest.from_bytes(data, where=where)
         if m.step != step:
             raise ManifestError(f"{where} says step {m.step}, but it lives under step {step}")
         with self._lock:
-            self._manifests[step] = m
+            self._manifests[(tier, step)] = m
         return m
 
-    def _info(self, m: Manifest) -> CheckpointInfo:
+    def _info(self, m: Manifest, tier: str = "primary") -> CheckpointInfo:
         return CheckpointInfo(
             step=m.step,
             epoch=m.epoch,
@@ -249,7 +274,8 @@ class CheckpointManager:
             created_at=m.created_at,
             nbytes=m.nbytes,
             world_size=m.world_size,
-            url=self.storage.url_of(step_dir(m.step)),
+            url=self._tier(tier).url_of(step_dir(m.step)),
+            tier=tier,
         )
 
     def info(self, step: int) -> CheckpointInfo:
@@ -260,14 +286,15 @@ class CheckpointManager:
         """The parsed manifest of a committed step (read-only use)."""
         return self._manifest(_check_step(step))
 
-    def history(self) -> list[CheckpointInfo]:
-        """Every committed step's info, ascending; unreadable manifests are skipped with a warning."""
+    def history(self, tier: Literal["primary", "mirror"] = "primary") -> list[CheckpointInfo]:
+        """Every committed step's info (step, epoch, metrics, bytes, created_at), ascending; unreadable manifests
+        are skipped with a warning."""
         out = []
-        for s in self.steps():
+        for s in self.steps(tier):
             try:
-                out.append(self.info(s))
+                out.append(self._info(self._manifest(s, tier), tier))
             except (ManifestError, CheckpointNotFoundError) as e:
-                log.warning("skipping step %d: %s", s, e)
+                log.warning("skipping step %d (%s tier): %s", s, tier, e)
         return out
 
     def latest(self) -> CheckpointInfo | None:
@@ -523,6 +550,8 @@ class CheckpointManager:
         seconds = time.perf_counter() - job.t0
         deleted: tuple[int, ...] = ()
         if comm.rank == 0:
+            if self.mirror_storage is not None:
+                self._enqueue_mirror(job.step)
             deleted = self._apply_retention(job.step)
         res = SaveResult(
             step=job.step,
@@ -589,7 +618,7 @@ class CheckpointManager:
                 step=step,
             ) from None
         with self._lock:
-            self._manifests[step] = m
+            self._manifests[("primary", step)] = m
 
     def _cleanup_attempt(self, prefix: str, save_id: str) -> None:
         if self.comm.rank != 0:
@@ -604,45 +633,100 @@ class CheckpointManager:
             log.warning("could not clean up the failed attempt under %s: %s", prefix, e)
 
     # -- retention & deletion -----------------------------------------------------------------------------------
-    def _apply_retention(self, committed: int) -> tuple[int, ...]:
+    def _apply_retention(self, committed: int, tier: str = "primary") -> tuple[int, ...]:
         if self.retention is None:
             return ()
         from .retention import select_deletions
 
+        with self._lock:
+            # Never delete what is being restored, or a step still waiting to be copied to the mirror.
+            protect = {committed, *self._restoring, *(self._mirror_pending if tier == "primary" else ())}
         try:
-            infos = self.history()
-            doomed = select_deletions(
-                infos,
-                self.retention,
-                now=time.time(),
-                pinned=self.pinned(),
-                protect={committed, *self._restoring},
-            )
+            infos = self.history(tier)  # type: ignore[arg-type]
+            doomed = select_deletions(infos, self.retention, now=time.time(), pinned=self.pinned(), protect=protect)
         except CheckpointError as e:
             log.warning("retention skipped: %s", e)
             return ()
         for s in doomed:
             try:
-                self.delete(s)
-                log.info("retention deleted step %d", s)
+                self._delete_in(tier, s)
+                log.info("retention deleted step %d (%s tier)", s, tier)
             except OSError as e:
-                log.warning("retention could not delete step %d: %s", s, e)
+                log.warning("retention could not delete step %d (%s tier): %s", s, tier, e)
         return tuple(doomed)
 
-    def delete(self, step: int) -> None:
+    # -- tiered mirror ----------------------------------------------------------------------------------------------
+    def _enqueue_mirror(self, step: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._lock:
+            self._mirror_pending.add(step)
+            if self._mirror_executor is None:
+                self._mirror_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-mirror")
+            self._mirror_futures.append(self._mirror_executor.submit(self._mirror_one, step))
+
+    def _mirror_one(self, step: int) -> int:
+        from .transfer import copy_step
+
+        assert self.mirror_storage is not None
+        try:
+            t0 = time.perf_counter()
+            res = copy_step(self.storage, self.mirror_storage, step, threads=self.io.threads)
+            log.info(
+                "mirrored step %d to %s: %.1f MiB in %.2fs",
+                step,
+                self.mirror_storage.url_of(step_dir(step)),
+                res.nbytes / 2**20,
+                time.perf_counter() - t0,
+            )
+        except CheckpointExistsError:
+            log.info("step %d is already on the mirror", step)
+        except Exception as e:
+            log.error("could not mirror step %d to %s: %s", step, self.mirror_storage.url, e)
+            raise
+        finally:
+            with self._lock:
+                self._mirror_pending.discard(step)
+        self._apply_retention(step, tier="mirror")
+        return step
+
+    def flush_mirror(self, timeout: float | None = None) -> list[int]:
+        """Wait until every committed step queued for the mirror is copied; returns those steps.
+
+        Re-raises the first upload error (the steps stay on the primary tier; run ``ckptstore sync`` or save
+        again to retry).
+        """
+        with self._lock:
+            futs, self._mirror_futures = self._mirror_futures, []
+        done: list[int] = []
+        first: BaseException | None = None
+        for f in futs:
+            try:
+                done.append(f.result(timeout))
+            except Exception as e:
+                first = first or e
+        if first is not None:
+            raise first
+        return done
+
+    def delete(self, step: int, *, tier: Literal["primary", "mirror"] = "primary") -> None:
         """Delete a committed step: its manifest first (the step disappears atomically), then its data."""
-        step = _check_step(step)
+        self._delete_in(tier, _check_step(step))
+
+    def _delete_in(self, tier: str, step: int) -> None:
         if self.comm.rank != 0:
             return
+        storage = self._tier(tier)
         prefix = step_dir(step)
         with self._lock:
-            self._manifests.pop(step, None)
-        if not self.storage.exists(f"{prefix}/{MANIFEST_NAME}") and not self.storage.list_dir(prefix):
-            raise CheckpointNotFoundError(f"step {step} does not exist under {self.url}", step=step)
-        self.storage.remove(f"{prefix}/{MANIFEST_NAME}")
-        self.storage.sync_dir(prefix)
-        self.storage.remove_tree(prefix)
-        self.storage.remove(f"{PINS_DIR}/{prefix}")
+            self._manifests.pop((tier, step), None)
+        if not storage.exists(f"{prefix}/{MANIFEST_NAME}") and not storage.list_dir(prefix):
+            raise CheckpointNotFoundError(f"step {step} does not exist under {storage.url}", step=step)
+        storage.remove(f"{prefix}/{MANIFEST_NAME}")
+        storage.sync_dir(prefix)
+        storage.remove_tree(prefix)
+        if tier == "primary":
+            storage.remove(f"{PINS_DIR}/{prefix}")
 
     def gc(self, *, min_age_seconds: float = 600.0) -> list[str]:
         """Remove partial steps (no manifest) and unreferenced files inside committed steps.
@@ -687,15 +771,23 @@ class CheckpointManager:
         return removed
 
     # -- restore / load ---------------------------------------------------------------------------------------------
-    def _candidates(self, step: StepSpec) -> list[int]:
-        if step == "latest":
-            return sorted(self.steps(), reverse=True)
+    def _candidates(self, step: StepSpec) -> list[tuple[int, str]]:
+        """(step, tier) pairs to try, best first. Each step's primary copy comes before its mirror copy."""
         if step == "best":
             b = self.best()
             if b is None:
                 raise CheckpointNotFoundError(f"no committed step under {self.url} has a numeric 'loss' metric")
-            return [b.step]
-        return [_check_step(step)]
+            wanted = [b.step]
+        elif step == "latest":
+            wanted = None
+        else:
+            wanted = [_check_step(step)]
+        on = {t: set(self.steps(t)) for t in self.tiers}  # type: ignore[arg-type]
+        steps = sorted(set().union(*on.values()), reverse=True) if wanted is None else wanted
+        out = [(s, t) for s in steps for t in self.tiers if s in on[t]]
+        if wanted is not None and not out:
+            out = [(wanted[0], "primary")]  # reading it raises a CheckpointNotFoundError that lists the steps
+        return out
 
     def restore(
         self,
@@ -739,12 +831,12 @@ class CheckpointManager:
         if not cands:
             raise CheckpointNotFoundError(f"no committed step under {self.url}")
         last: BaseException | None = None
-        for s in cands:
+        for i, (s, tier) in enumerate(cands):
             err: BaseException | None = None
             self._restoring.add(s)
             try:
-                m = self._manifest(s)
-                self._restore_from(m, state, map_location, strict, verify, trusted)
+                m = self._manifest(s, tier)
+                self._restore_from(m, state, map_location, strict, verify, trusted, self._tier(tier))
             except Exception as e:  # every rank must reach the all_gather below, whatever went wrong here
                 err = e
             finally:
@@ -754,15 +846,22 @@ class CheckpointManager:
             )
             bad = [(r, e) for r, e in enumerate(errs) if e is not None]
             if not bad:
-                return self._info(self._manifest(s))
+                return self._info(self._manifest(s, tier), tier)
             fatal = err if err is not None else None
             integrity = all(e[0] in ("IntegrityError", "ManifestError") for _, e in bad)
-            if step != "latest" or not integrity:
+            same_step_next = i + 1 < len(cands) and cands[i + 1][0] == s  # the mirror's copy of this step
+            if (step != "latest" and not same_step_next) or not integrity:
                 if fatal is not None:
                     raise fatal
                 r, (kind, msg) = bad[0]
                 raise _remote_error(r, kind, f"could not restore step {s}: {msg}", s)
-            log.warning("step %d does not verify (%s); falling back to the previous step", s, bad[0][1][1])
+            log.warning(
+                "step %d (%s tier) does not verify (%s); falling back to %s",
+                s,
+                tier,
+                bad[0][1][1],
+                "its mirror copy" if same_step_next else "the previous step",
+            )
             last = fatal or IntegrityError(bad[0][1][1], step=s)
         assert last is not None
         raise last
@@ -789,14 +888,16 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         last: BaseException | None = None
-        for s in self._candidates(step):
+        cands = self._candidates(step)
+        for i, (s, tier) in enumerate(cands):
             try:
-                m = self._manifest(s)
-                return self._load_from(m, map_location, verify, trusted)
+                m = self._manifest(s, tier)
+                return self._load_from(m, map_location, verify, trusted, self._tier(tier))
             except (IntegrityError, ManifestError) as e:
-                if step != "latest":
+                same_step_next = i + 1 < len(cands) and cands[i + 1][0] == s
+                if step != "latest" and not same_step_next:
                     raise
-                log.warning("step %d does not verify (%s); falling back to the previous step", s, e)
+                log.warning("step %d (%s tier) does not verify (%s); trying the next candidate", s, tier, e)
                 last = e
         if last is not None:
             raise last
@@ -817,15 +918,24 @@ class CheckpointManager:
                 "checkpoint. Pass trusted=True only if you trust who wrote it"
             )
 
-    def _load_from(self, m: Manifest, map_location: Any, verify: bool | None, trusted: bool) -> Any:
+    def _load_from(
+        self, m: Manifest, map_location: Any, verify: bool | None, trusted: bool, storage: Storage | None = None
+    ) -> Any:
         self._check_trust(m, trusted)
         rc = _ReadCtx(m, map_location, self.comm.rank)
         value = unflatten(m.tree, lambda key, node: self._fresh(rc, key), rank=self.comm.rank)
-        read_pieces(self.storage, step_dir(m.step), rc.tasks, self._io_for(verify), step=m.step)
+        read_pieces(storage or self.storage, step_dir(m.step), rc.tasks, self._io_for(verify), step=m.step)
         return self._finalize(rc, value)
 
     def _restore_from(
-        self, m: Manifest, state: Any, map_location: Any, strict: bool, verify: bool | None, trusted: bool
+        self,
+        m: Manifest,
+        state: Any,
+        map_location: Any,
+        strict: bool,
+        verify: bool | None,
+        trusted: bool,
+        storage: Storage | None = None,
     ) -> None:
         self._check_trust(m, trusted)
         rc = _ReadCtx(m, map_location, self.comm.rank)
@@ -864,7 +974,7 @@ class CheckpointManager:
                 missing=rc.missing,
                 unexpected=rc.unexpected,
             )
-        read_pieces(self.storage, step_dir(m.step), rc.tasks, self._io_for(verify), step=m.step)
+        read_pieces(storage or self.storage, step_dir(m.step), rc.tasks, self._io_for(verify), step=m.step)
         for fn in rc.deferred:
             fn()
 
@@ -1076,11 +1186,15 @@ class CheckpointManager:
             return
         try:
             self.wait()
+            self.flush_mirror()  # the last checkpoint should reach the remote tier before the job ends
         finally:
             self._closed = True
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
+            for ex in (self._executor, self._mirror_executor):
+                if ex is not None:
+                    ex.shutdown(wait=True)
             self.storage.close()
+            if self.mirror_storage is not None:
+                self.mirror_storage.close()
 
     def _check_open(self) -> None:
         if self._closed:
