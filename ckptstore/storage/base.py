@@ -19,6 +19,9 @@ log = logging.getLogger("ckptstore")
 
 Buffer = memoryview
 
+# fsspec filesystems with real directories, where an empty one is removed by ``remove_dir``.
+_DIR_PROTOCOLS = frozenset({"memory", "file", "local"})
+
 
 class FileWriter(Protocol):
     """A file being written. ``close()`` makes it durable (fsync where the backend has one)."""
@@ -162,6 +165,19 @@ class Storage:
         except FileNotFoundError:
             pass
 
+    def remove_dir(self, rel: str) -> None:
+        """Remove directory ``rel`` only if it is empty — one atomic check-and-remove where the filesystem has
+        directories; object stores have none, so nothing to do there. Never removes files: a concurrent writer
+        that just created one under ``rel`` keeps it (unlike listing, then ``remove_tree``)."""
+        rel = _check_rel(rel)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        if not rel or not _DIR_PROTOCOLS.intersection(protocols):
+            return
+        try:
+            self.fs.rmdir(self.full(rel))
+        except (OSError, NotImplementedError, ValueError):
+            pass  # not empty (someone else's files are there), already gone
+
     def close(self) -> None:
         """Release resources (thread pools, sessions)."""
 
@@ -189,10 +205,11 @@ class _FsspecWriter:
                 pass
 
 
-def open_storage(url: str, storage_options: dict[str, Any] | None = None) -> Storage:
+def open_storage(url: str, storage_options: dict[str, Any] | None = None, *, io: Any = None) -> Storage:
     """Open the storage for ``url`` (a local path, ``file://``, ``memory://``, ``s3://`` or any fsspec URL).
 
-    ``storage_options`` is passed to fsspec unchanged.
+    ``storage_options`` is passed to fsspec unchanged; ``io`` (an ``IOOptions``) tunes backends that use it
+    (S3: part size, in-flight bytes, read range size).
     """
     opts = dict(storage_options or {})
     url = str(url)
@@ -206,6 +223,6 @@ def open_storage(url: str, storage_options: dict[str, Any] | None = None) -> Sto
     if protocol in ("s3", "s3a"):
         from .s3 import S3Storage
 
-        return S3Storage(url, opts)
+        return S3Storage(url, opts, io=io)
     fs, root = fsspec.core.url_to_fs(url, **opts)
     return Storage(url, fs, root)
