@@ -178,6 +178,10 @@ class Storage:
         except (OSError, NotImplementedError, ValueError):
             pass  # not empty (someone else's files are there), already gone
 
+    def abort_incomplete_uploads(self, rel_prefix: str, *, older_than_seconds: float = 0.0) -> int:
+        """Abort unfinished multipart uploads under ``rel_prefix``; backends without them have none (0)."""
+        return 0
+
     def close(self) -> None:
         """Release resources (thread pools, sessions)."""
 
