@@ -28,6 +28,7 @@ from .errors import (
     IntegrityError,
     ManifestError,
     StateMismatchError,
+    StorageError,
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
@@ -157,7 +158,7 @@ class CheckpointManager:
         comm: Comm | None = None,
     ) -> None:
         self.io = io if isinstance(io, IOOptions) else IOOptions.from_dict(io)
-        self.storage: Storage = open_storage(os.fspath(root), storage_options)
+        self.storage: Storage = open_storage(os.fspath(root), storage_options, io=self.io)
         self.url = self.storage.url
         self.allow_pickle = allow_pickle
         self.async_save = async_save
@@ -167,7 +168,7 @@ class CheckpointManager:
         # Tiered storage: commit on the (fast, local) primary, then copy each committed step to the mirror in
         # the background; restore takes the newest verified step of either tier.
         self.mirror_storage: Storage | None = (
-            open_storage(os.fspath(mirror), mirror_storage_options) if mirror is not None else None
+            open_storage(os.fspath(mirror), mirror_storage_options, io=self.io) if mirror is not None else None
         )
         if self.mirror_storage is not None and self.mirror_storage.url == self.storage.url:
             raise ConfigError(f"mirror {self.mirror_storage.url} is the same location as the root")
@@ -451,6 +452,8 @@ class CheckpointManager:
             decision.update(exists=exists, save_id=uuid.uuid4().hex[:8])
         decision = comm.broadcast(decision, what=f"start of the save of step {job.step}")
         if decision.get("error"):
+            if not comm.is_distributed:
+                raise StorageError(f"step {job.step} was not saved: {decision['error']}")
             raise DistributedSaveError(decision["error"], failed_ranks={0: decision["error"]})
         if decision["exists"]:
             raise CheckpointExistsError(
@@ -536,6 +539,16 @@ class CheckpointManager:
             if not committed:
                 self._cleanup_attempt(prefix, save_id)
             raise
+        except BaseException as e:
+            # Single process (or this rank's own preparation error): a write or the commit failed — disk full,
+            # I/O error, S3 gave up after its retries. Nothing is committed; the files of this attempt go now
+            # rather than at the next gc, and the caller gets a typed error that is still an OSError.
+            if not committed:
+                self._cleanup_attempt(prefix, save_id)
+            typed = _typed_os_error(e, f"step {job.step} was not saved (nothing was committed)")
+            if typed is e:
+                raise
+            raise typed from e
         if not outcome["ok"]:
             self._cleanup_attempt(prefix, save_id)
             if "exists" in outcome:
@@ -609,26 +622,55 @@ class CheckpointManager:
 
     def _commit(self, step: int, m: Manifest) -> None:
         prefix = step_dir(step)
+        rel = f"{prefix}/{MANIFEST_NAME}"
+        data = m.to_bytes()
         self.storage.sync_dir(prefix)
         try:
-            self.storage.create_exclusive(f"{prefix}/{MANIFEST_NAME}", m.to_bytes())
+            self.storage.create_exclusive(rel, data)
         except FileExistsError:
             raise CheckpointExistsError(
                 f"step {step} was committed by another writer while this save ran; this attempt is discarded",
                 step=step,
             ) from None
+        except OSError as e:
+            # The outcome may be unknown (e.g. the answer to the S3 PUT was lost and the retries failed): if our
+            # manifest is in place, the step IS committed and its data must not be cleaned up as a failed attempt.
+            if self._own_manifest(prefix, m.save_id) is not True:
+                raise
+            log.warning("step %d: the commit reported %r, but its manifest is in place: the step is committed", step, e)
         with self._lock:
             self._manifests[("primary", step)] = m
 
+    def _own_manifest(self, prefix: str, save_id: str) -> bool | None:
+        """Whether the manifest under ``prefix`` is the one of save ``save_id`` (None: it cannot be told now)."""
+        rel = f"{prefix}/{MANIFEST_NAME}"
+        try:
+            if not self.storage.exists(rel):
+                return False
+            return Manifest.from_bytes(self.storage.read_bytes(rel), where=rel).save_id == save_id
+        except FileNotFoundError:
+            return False
+        except (OSError, EOFError, CheckpointError):
+            return None
+
     def _cleanup_attempt(self, prefix: str, save_id: str) -> None:
+        """Remove the files of failed save ``save_id`` — never those of a committed step or of another writer."""
         if self.comm.rank != 0:
+            return
+        own = self._own_manifest(prefix, save_id)
+        if own is not False:
+            # Committed after all (an ambiguous commit), or the storage cannot tell right now: leave the files;
+            # gc removes them later if they turn out to be garbage.
+            if own is None:
+                log.warning("not cleaning up the failed save under %s: cannot tell whether it committed", prefix)
             return
         try:
             for name in self.storage.list_dir(prefix):
                 if name.startswith(f"shard-{save_id}-"):
                     self.storage.remove(f"{prefix}/{name}")
-            if not self.storage.list_dir(prefix):
-                self.storage.remove_tree(prefix)
+            # Only an empty directory goes: another writer may be saving this step right now (list + remove_tree
+            # would race with it and could delete files it just created, or even its committed step).
+            self.storage.remove_dir(prefix)
         except OSError as e:
             log.warning("could not clean up the failed attempt under %s: %s", prefix, e)
 
@@ -763,11 +805,10 @@ class CheckpointManager:
                     continue
                 self.storage.remove(rel)
                 removed.append(rel)
-            if not committed and not self.storage.list_dir(name):
-                self.storage.remove_tree(name)
-        abort = getattr(self.storage, "abort_incomplete_uploads", None)
-        if callable(abort):
-            abort("")
+            if not committed:
+                self.storage.remove_dir(name)  # only if empty: a save may be creating files in it right now
+        # Multipart uploads younger than min_age may belong to a save in progress elsewhere.
+        self.storage.abort_incomplete_uploads("", older_than_seconds=min_age_seconds)
         return removed
 
     # -- restore / load ---------------------------------------------------------------------------------------------
@@ -838,7 +879,9 @@ class CheckpointManager:
                 m = self._manifest(s, tier)
                 self._restore_from(m, state, map_location, strict, verify, trusted, self._tier(tier))
             except Exception as e:  # every rank must reach the all_gather below, whatever went wrong here
-                err = e
+                err = _typed_os_error(e, f"step {s} could not be read from {self._tier(tier).url}")
+                if err is not e:
+                    err.__cause__ = e
             finally:
                 self._restoring.discard(s)
             errs = comm.all_gather(
@@ -891,8 +934,14 @@ class CheckpointManager:
         cands = self._candidates(step)
         for i, (s, tier) in enumerate(cands):
             try:
-                m = self._manifest(s, tier)
-                return self._load_from(m, map_location, verify, trusted, self._tier(tier))
+                try:
+                    m = self._manifest(s, tier)
+                    return self._load_from(m, map_location, verify, trusted, self._tier(tier))
+                except OSError as e:
+                    typed = _typed_os_error(e, f"step {s} could not be read from {self._tier(tier).url}")
+                    if typed is e:
+                        raise
+                    raise typed from e
             except (IntegrityError, ManifestError) as e:
                 same_step_next = i + 1 < len(cands) and cands[i + 1][0] == s
                 if step != "latest" and not same_step_next:
@@ -1170,6 +1219,35 @@ class CheckpointManager:
         return value
 
     # -- async & lifecycle -------------------------------------------------------------------------------------
+    def on_preemption(
+        self,
+        signals: Sequence[int] | None = None,
+        *,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+    ) -> Any:
+        """A :class:`~ckptstore.schedule.SaveSchedule` on this manager's ranks: the signals (default SIGTERM and
+        SIGUSR1) only set a flag, and ``should_save(step)`` agrees across ranks at the next step boundary.
+
+        Example::
+
+            schedule = mgr.on_preemption(every_steps=500)
+            for step in range(start, total):
+                train_step()
+                if schedule.should_save(step + 1):
+                    mgr.save(step + 1, state)
+                if schedule.preempted:
+                    break
+        """
+        from .schedule import DEFAULT_SIGNALS, SaveSchedule
+
+        return SaveSchedule(
+            every_steps=every_steps,
+            every_seconds=every_seconds,
+            signals=DEFAULT_SIGNALS if signals is None else tuple(signals),
+            comm=self.comm,
+        )
+
     def wait(self) -> SaveResult | None:
         """Block until the pending background save (if any) finished; re-raise its error."""
         p, self._pending = self._pending, None
@@ -1360,6 +1438,30 @@ def _merge_trees(trees: Sequence[Any]) -> Any:
         return a
 
     return merge(base, list(trees[1:]))
+
+
+_TYPED_OS_ERRORS: dict[type, type] = {}
+
+
+def _typed_os_error(e: BaseException, what: str) -> BaseException:
+    """``e`` itself, or — for a raw ``OSError`` from the storage (ENOSPC, EIO, EFBIG, a reset connection...) — a
+    :class:`StorageError` saying ``what`` happened, with the same ``errno``/``filename``, that is still an instance
+    of ``e``'s built-in class (``except OSError`` / ``except PermissionError`` keep working)."""
+    if not isinstance(e, OSError) or isinstance(e, CheckpointError):
+        return e
+    cls = StorageError
+    if type(e) is not OSError:
+        base = type(e)
+        cls = _TYPED_OS_ERRORS.get(base)  # type: ignore[assignment]
+        if cls is None:
+            try:
+                cls = type("StorageError", (StorageError, base), {"__module__": StorageError.__module__})
+            except TypeError:  # an exotic OSError subclass that cannot be combined
+                cls = StorageError
+            _TYPED_OS_ERRORS[base] = cls
+    err = cls(f"{what}: {type(e).__name__}: {e}")
+    err.errno, err.strerror, err.filename = e.errno, e.strerror, e.filename
+    return err
 
 
 def _check_step(step: Any) -> int:

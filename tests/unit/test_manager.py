@@ -411,3 +411,14 @@ def test_async_staging_buffers_are_reused_and_budget_respected(tmp_path: Path, c
         res = mgr.save(1, {"w": w}, blocking=False)
         assert not isinstance(res, PendingSave) and res.step == 1  # over budget: saved synchronously
         assert any("staging budget" in r.message for r in caplog.records)
+
+
+def test_retention_runs_after_async_saves_commit(root: str) -> None:
+    with CheckpointManager(root, retention={"keep_last": 2, "keep_best": {"k": 1, "metric": "loss"}}) as mgr:
+        losses = [0.5, 0.1, 0.9, 0.8, 0.7, 0.95]
+        for s, loss in enumerate(losses, start=1):
+            mgr.save(s, {"w": torch.full((10,), float(s))}, metrics={"loss": loss}, blocking=False)
+        res = mgr.wait()
+        assert res is not None and res.step == 6
+    # best (step 2, loss 0.1) + the last two; deletions happened in the background after each commit
+    assert CheckpointManager(root).steps() == [2, 5, 6]

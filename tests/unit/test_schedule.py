@@ -59,3 +59,22 @@ def test_request_preemption_without_signal() -> None:
 def test_bad_arguments(kw: dict) -> None:
     with pytest.raises(ConfigError):
         SaveSchedule(signals=(), **kw)
+
+
+def test_manager_on_preemption_then_save_and_stop(tmp_path) -> None:
+    import torch
+
+    from ckptstore import CheckpointManager
+
+    mgr = CheckpointManager(str(tmp_path / "c"))
+    with mgr.on_preemption(signals=(signal.SIGUSR2,), every_steps=100) as schedule:
+        saved = []
+        for step in range(1, 50):
+            if step == 7:
+                os.kill(os.getpid(), signal.SIGUSR2)
+            if schedule.should_save(step):
+                mgr.save(step, {"w": torch.full((3,), float(step))})
+                saved.append(step)
+            if schedule.preempted:
+                break
+    assert saved == [7] and mgr.steps() == [7]
