@@ -119,6 +119,7 @@ class _ReadCtx:
     manifest: Manifest
     map_location: Any
     rank: int
+    storage: Storage | None = None
     tasks: list[ReadTask] = field(default_factory=list)
     deferred: list[Callable[[], None]] = field(default_factory=list)
     moves: dict[int, torch.device] = field(default_factory=dict)
@@ -683,19 +684,23 @@ class CheckpointManager:
         with self._lock:
             # Never delete what is being restored, or a step still waiting to be copied to the mirror.
             protect = {committed, *self._restoring, *(self._mirror_pending if tier == "primary" else ())}
+        # Retention runs after the commit: whatever goes wrong here (an I/O error while listing, a custom policy
+        # raising) must not turn a committed save into an error. It is logged; the next save retries.
         try:
             infos = self.history(tier)  # type: ignore[arg-type]
             doomed = select_deletions(infos, self.retention, now=time.time(), pinned=self.pinned(), protect=protect)
-        except CheckpointError as e:
-            log.warning("retention skipped: %s", e)
+        except Exception as e:
+            log.warning("retention skipped after committing step %d (%s tier): %r", committed, tier, e)
             return ()
+        deleted = []
         for s in doomed:
             try:
                 self._delete_in(tier, s)
+                deleted.append(s)
                 log.info("retention deleted step %d (%s tier)", s, tier)
-            except OSError as e:
-                log.warning("retention could not delete step %d (%s tier): %s", s, tier, e)
-        return tuple(doomed)
+            except Exception as e:
+                log.warning("retention could not delete step %d (%s tier): %r", s, tier, e)
+        return tuple(deleted)
 
     # -- tiered mirror ----------------------------------------------------------------------------------------------
     def _enqueue_mirror(self, step: int) -> None:
@@ -971,7 +976,7 @@ class CheckpointManager:
         self, m: Manifest, map_location: Any, verify: bool | None, trusted: bool, storage: Storage | None = None
     ) -> Any:
         self._check_trust(m, trusted)
-        rc = _ReadCtx(m, map_location, self.comm.rank)
+        rc = _ReadCtx(m, map_location, self.comm.rank, storage)
         value = unflatten(m.tree, lambda key, node: self._fresh(rc, key), rank=self.comm.rank)
         read_pieces(storage or self.storage, step_dir(m.step), rc.tasks, self._io_for(verify), step=m.step)
         return self._finalize(rc, value)
@@ -987,7 +992,7 @@ class CheckpointManager:
         storage: Storage | None = None,
     ) -> None:
         self._check_trust(m, trusted)
-        rc = _ReadCtx(m, map_location, self.comm.rank)
+        rc = _ReadCtx(m, map_location, self.comm.rank, storage)
         root = m.tree
         if is_stateful(state) or isinstance(state, torch.Tensor):
             self._into(rc, state, root, "", strict, top=True)
@@ -1169,18 +1174,39 @@ class CheckpointManager:
         e = self._entry(rc, key)
         dt = e.torch_dtype
         if e.encoding == "pickle":
-            buf = torch.empty(e.shape, dtype=torch.uint8)
+            buf = self._alloc(rc, key, e, torch.uint8)
             rc.tasks.extend(plan_fill(key, e, buf))
             rc.pickles[id(buf)] = key
             return buf
         dev = _resolve_device(rc, key, e)
         if dev.type == "meta":
             return torch.empty(e.shape, dtype=dt, device="meta")
-        t = torch.empty(e.shape, dtype=dt)
+        t = self._alloc(rc, key, e, dt)
         rc.tasks.extend(plan_fill(key, e, t))
         if dev.type != "cpu":
             rc.moves[id(t)] = dev
         return t
+
+    def _alloc(self, rc: _ReadCtx, key: str, e: TensorEntry, dt: torch.dtype) -> torch.Tensor:
+        """``torch.empty`` for a tensor the manifest describes. When that fails, a manifest claiming more bytes
+        than its files hold (damaged or hostile) is reported as such, not as the allocator's RuntimeError."""
+        try:
+            return torch.empty(e.shape, dtype=dt)
+        except (RuntimeError, MemoryError) as err:
+            storage = rc.storage or self.storage
+            prefix = step_dir(rc.manifest.step)
+            for p in e.pieces:
+                try:
+                    size = storage.size(f"{prefix}/{p.file}")
+                except OSError:
+                    continue
+                if size < p.end:
+                    raise ManifestError(
+                        f"step {rc.manifest.step}: tensor {key!r} ({dtype_name(dt)}{list(e.shape)}, {e.nbytes} bytes) "
+                        f"claims bytes {p.start}-{p.end} of {p.file}, which holds {size}: the manifest is damaged; "
+                        "nothing was allocated"
+                    ) from None
+            raise err
 
     def _fill_existing(self, rc: _ReadCtx, key: str, tgt: torch.Tensor, path: str) -> None:
         e = self._entry(rc, key)

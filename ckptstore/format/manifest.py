@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import ManifestError, UnsafeCheckpointError, UnsupportedValueError
+from .state import check_device, check_tree
 
 FORMAT_NAME = "ckptstore"
 FORMAT_VERSION = 1
@@ -109,6 +110,8 @@ def encode_json(value: Any, where: str = "value") -> Any:
 def decode_json(value: Any) -> Any:
     if isinstance(value, dict):
         if len(value) == 1 and "$float" in value:
+            if value["$float"] not in ("nan", "inf", "-inf"):
+                raise ManifestError(f"invalid tagged float {value['$float']!r}")
             return float(value["$float"])
         return {k: decode_json(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -255,10 +258,19 @@ def _int_list(v: Any, what: str, where: str) -> tuple[int, ...]:
     return tuple(v)
 
 
+#: Largest element count a stored tensor may declare (also stops shape-overflow tricks: without a bound, a
+#: hostile shape of 100k huge dimensions makes the product take minutes of CPU).
+MAX_NUMEL = 1 << 62
+
+
 def _numel(shape: tuple[int, ...]) -> int:
+    if 0 in shape:
+        return 0
     n = 1
     for s in shape:
         n *= s
+        if n > MAX_NUMEL:
+            raise ManifestError(f"shape with {len(shape)} dimensions has more than 2**62 elements")
     return n
 
 
@@ -291,6 +303,10 @@ def _from_doc(doc: Any, where: str) -> Manifest:
         dtype = t.get("dtype")
         dt = dtype_from_name(dtype)
         shape = _int_list(t.get("shape"), "shape", w)
+        try:
+            numel = _numel(shape)  # bounded: a box inside the shape has at most as many elements
+        except ManifestError as e:
+            raise ManifestError(f"{w}: {e}") from None
         encoding = t.get("encoding", "raw")
         if encoding not in ("raw", "pickle"):
             raise ManifestError(f"{w}: unknown encoding {encoding!r}")
@@ -319,16 +335,15 @@ def _from_doc(doc: Any, where: str) -> Manifest:
                     raise ManifestError(f"{w}: piece box rank does not match the tensor's")
                 if any(o + s > g for o, s, g in zip(offs, shp, shape)):
                     raise ManifestError(f"{w}: piece box {list(offs)}+{list(shp)} exceeds shape {list(shape)}")
-            box_numel = _numel(shp) if shp is not None else _numel(shape)
+            box_numel = _numel(shp) if shp is not None else numel
             if encoding == "raw" and box_numel * dt.itemsize != rng[1] - rng[0]:
                 raise ManifestError(f"{w}: piece byte range does not match its shape and dtype")
             covered += box_numel
             pieces.append(Piece(fname, rng[0], rng[1], int(crc_s, 16), offs, shp))
-        if encoding == "raw" and pieces and covered < _numel(shape):
-            raise ManifestError(f"{w}: pieces cover {covered} of {_numel(shape)} elements")
+        if encoding == "raw" and pieces and covered < numel:
+            raise ManifestError(f"{w}: pieces cover {covered} of {numel} elements")
         device = t.get("device", "cpu")
-        if not isinstance(device, str):
-            raise ManifestError(f"{w}: device must be a string")
+        check_device(device, w)
         tensors[key] = TensorEntry(dtype_name(dt), shape, tuple(pieces), device, encoding)
     epoch = doc.get("epoch")
     if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
@@ -349,6 +364,7 @@ def _from_doc(doc: Any, where: str) -> Manifest:
         raise ManifestError(f"{where}: versions and extras must be objects")
     if "tree" not in doc:
         raise ManifestError(f"{where}: missing field 'tree'")
+    check_tree(doc["tree"], tensors, where)
     return Manifest(
         step=step,
         tree=doc["tree"],

@@ -95,7 +95,7 @@ def parse_header(prefix: bytes, file_size: int) -> tuple[dict[str, HeaderEntry],
         raise ManifestError("shard header is truncated")
     try:
         obj = json.loads(prefix[8 : 8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: hostile nesting
         raise ManifestError(f"shard header is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ManifestError("shard header must be a JSON object")

@@ -163,6 +163,98 @@ def flatten(state: Any, *, rank: int = 0, allow_pickle: bool = False) -> Flat:
     return flat
 
 
+_FLOAT_TAGS = frozenset({"nan", "inf", "-inf"})
+
+
+def check_tree(tree: Any, tensors: Mapping[str, Any], where: str = "manifest") -> None:
+    """Validate a stored state tree against the manifest's tensor table; any problem is a ``ManifestError``.
+
+    Checks every node: its type tag, container shapes (``k``/``v`` lists of the same length, dict keys ``str``
+    or ``int``), references to tensors the manifest lists (with the matching encoding), dtype/device/size
+    values, tagged floats, and the nesting depth — so that readers can walk the tree without guarding.
+    """
+
+    def bad(msg: str) -> ManifestError:
+        return ManifestError(f"{where}: {msg}")
+
+    def walk(n: Any, depth: int) -> None:
+        if depth > MAX_TREE_DEPTH:
+            raise bad(f"state tree is nested deeper than {MAX_TREE_DEPTH} levels")
+        if n is None or isinstance(n, (bool, int, str)):
+            return
+        if isinstance(n, float):
+            if not math.isfinite(n):
+                raise bad("non-finite float in the state tree")
+            return
+        if not isinstance(n, dict):
+            raise bad(f"invalid state tree node of type {type(n).__name__}")
+        if "$float" in n and len(n) == 1:
+            if n["$float"] not in _FLOAT_TAGS:
+                raise bad(f"invalid tagged float {n['$float']!r}")
+            return
+        t = n.get("t")
+        if t in ("tensor", "pickle"):
+            key = n.get("key")
+            if not isinstance(key, str):
+                raise bad("tensor reference without a key in the state tree")
+            e = tensors.get(key)
+            if e is None:
+                raise bad(f"the state tree refers to {key!r}, absent from tensors")
+            if (t == "pickle") != (getattr(e, "encoding", "raw") == "pickle"):
+                raise bad(f"{key!r} is a {t} in the state tree but {getattr(e, 'encoding', 'raw')} in tensors")
+        elif t == "dict":
+            keys, vals = n.get("k"), n.get("v")
+            if not isinstance(keys, list) or not isinstance(vals, list) or len(keys) != len(vals):
+                raise bad("malformed dict node in the state tree")
+            for k in keys:
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    raise bad(f"dict key {k!r} in the state tree is not a string or an integer")
+            if len(set(keys)) != len(keys):
+                raise bad("duplicate dict keys in the state tree")
+            for v in vals:
+                walk(v, depth + 1)
+        elif t in ("list", "tuple"):
+            vals = n.get("v")
+            if not isinstance(vals, list):
+                raise bad(f"malformed {t} node in the state tree")
+            for v in vals:
+                walk(v, depth + 1)
+        elif t == "stateful":
+            if "v" not in n:
+                raise bad("malformed stateful node in the state tree")
+            walk(n["v"], depth + 1)
+        elif t == "per_rank":
+            per = n.get("v")
+            if not isinstance(per, dict) or not all(isinstance(r, str) and r.isdigit() for r in per):
+                raise bad("malformed per_rank node in the state tree")
+            for v in per.values():
+                walk(v, depth + 1)
+        elif t == "dtype":
+            from .manifest import dtype_from_name
+
+            dtype_from_name(n.get("v"))
+        elif t == "device":
+            check_device(n.get("v"), where)
+        elif t == "size":
+            v = n.get("v")
+            if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+                raise bad(f"invalid torch.Size {v!r} in the state tree")
+        else:
+            raise bad(f"unknown state tree node type {t!r}")
+
+    walk(tree, 0)
+
+
+def check_device(v: Any, where: str = "manifest") -> torch.device:
+    """A device string from a manifest, parsed (``ManifestError`` if torch cannot parse it)."""
+    if not isinstance(v, str) or len(v) > 64:
+        raise ManifestError(f"{where}: invalid device {v!r}")
+    try:
+        return torch.device(v)
+    except (RuntimeError, ValueError, TypeError):
+        raise ManifestError(f"{where}: invalid device {v!r}") from None
+
+
 def tree_keys(node: Any) -> list[str]:
     """Every tensor/pickle key referenced by a tree, in order."""
     out: list[str] = []
@@ -200,6 +292,8 @@ def unflatten(
     if not isinstance(node, dict):
         raise ManifestError(f"invalid state tree node of type {type(node).__name__}")
     if "$float" in node and len(node) == 1:
+        if node["$float"] not in _FLOAT_TAGS:
+            raise ManifestError(f"invalid tagged float {node['$float']!r} in the state tree")
         return float(node["$float"])
     t = node.get("t")
     if t in ("tensor", "pickle"):
@@ -209,6 +303,8 @@ def unflatten(
     if t == "dict":
         keys, vals = node.get("k"), node.get("v")
         if not isinstance(keys, list) or not isinstance(vals, list) or len(keys) != len(vals):
+            raise ManifestError("malformed dict node in the state tree")
+        if not all(isinstance(k, (str, int)) for k in keys):
             raise ManifestError("malformed dict node in the state tree")
         return {k: unflatten(v, get, rank=rank, depth=depth + 1) for k, v in zip(keys, vals)}
     if t in ("list", "tuple"):
@@ -231,7 +327,10 @@ def unflatten(
 
         return dtype_from_name(node.get("v"))
     if t == "device":
-        return torch.device(str(node.get("v")))
+        return check_device(node.get("v"), "state tree")
     if t == "size":
-        return torch.Size(node.get("v") or [])
+        v = node.get("v") or []
+        if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+            raise ManifestError(f"invalid torch.Size {v!r} in the state tree")
+        return torch.Size(v)
     raise ManifestError(f"unknown state tree node type {t!r}")

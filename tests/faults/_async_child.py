@@ -1,10 +1,14 @@
 """Child for async-save exit tests: commits step 1, starts an async save of step 2, then leaves.
 
-    python _async_child.py ROOT MODE    # MODE: sigkill | os_exit | normal_exit
+    python _async_child.py ROOT MODE [STORAGE_OPTIONS_JSON]    # MODE: sigkill | os_exit | normal_exit
+
+ROOT is any URL (a local path, s3://...). Every write of the background save is slowed down (a ``delay`` fault
+of :class:`tests.fixtures.faulty.FaultyStorage`), so the process leaves while the save is in flight.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -12,23 +16,16 @@ import sys
 import torch
 
 from ckptstore import CheckpointManager
-from ckptstore.storage import local as local_mod
+from tests.fixtures.faulty import Fault, inject
 
 
 def main() -> None:
     root, mode = sys.argv[1], sys.argv[2]
-    mgr = CheckpointManager(root)
+    opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
+    mgr = CheckpointManager(root, storage_options=opts)
     mgr.save(1, {"w": torch.ones(1 << 20)})
-    orig_write = local_mod._LocalWriter.write
-
-    def slow_write(self, buffers):  # type: ignore[no-untyped-def]
-        # Make the background write take long enough that the process leaves mid-way.
-        import time
-
-        time.sleep(0.5)
-        orig_write(self, buffers)
-
-    local_mod._LocalWriter.write = slow_write  # type: ignore[method-assign]
+    # Make the background write take long enough that the process leaves mid-way.
+    inject(mgr, Fault("delay", op="write", seconds=0.5, times=None))
     mgr.save(2, {"w": torch.full((1 << 20,), 2.0)}, blocking=False)
     print("PENDING", flush=True)
     if mode == "sigkill":
