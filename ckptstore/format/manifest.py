@@ -225,7 +225,10 @@ class Manifest:
                 lines.append(' "tensors":{\n' + ",\n".join(rows) + "\n }" if rows else ' "tensors":{}')
             else:
                 lines.append(f" {enc(k)}:{enc(v)}")
-        return ("{\n" + ",\n".join(lines) + "\n}\n").encode()
+        body = ("{\n" + ",\n".join(lines)).encode()
+        # The manifest checksums itself: its last field is the crc32c of every byte before it, so a bit flip
+        # that still parses as a valid manifest (1000 -> 1001, a renamed key) is caught too.
+        return body + _CRC_FIELD + f'{_crc32c(body):08x}"\n}}\n'.encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "manifest") -> Manifest:
@@ -238,7 +241,33 @@ class Manifest:
             raise ManifestError(f"{where}: {e}") from None
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ManifestError(f"{where} is not valid JSON ({e}); the step is damaged or not committed") from None
-        return _from_doc(doc, where)
+        m = _from_doc(doc, where)
+        # Checked after the structural validation, so hostile input still gets its specific error.
+        _check_self_crc(data, doc, where)
+        return m
+
+
+_CRC_FIELD = b',\n "manifest_crc32c":"'
+
+
+def _crc32c(data: bytes) -> int:
+    import crc32c
+
+    return int(crc32c.crc32c(data))
+
+
+def _check_self_crc(data: bytes, doc: dict[str, Any], where: str) -> None:
+    idx = data.rfind(_CRC_FIELD)
+    want = doc.get("manifest_crc32c")
+    if idx < 0 or not isinstance(want, str) or not re.fullmatch(r"[0-9a-f]{8}", want):
+        raise ManifestError(f"{where}: missing or malformed manifest_crc32c; the manifest is damaged")
+    if data[idx + len(_CRC_FIELD) :] != f'{want}"\n}}\n'.encode():
+        raise ManifestError(f"{where}: manifest_crc32c is not the last field; the manifest is damaged")
+    got = _crc32c(data[:idx])
+    if got != int(want, 16):
+        raise ManifestError(
+            f"{where}: manifest checksum mismatch (crc32c {got:08x}, recorded {want}); the manifest is damaged"
+        )
 
 
 def _req(doc: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
