@@ -405,12 +405,28 @@ class CheckpointManager:
         sources: dict[str, Source] = {}
         specs: list[LocalSpec] = []
         order = 0
+        staged: dict[str, torch.Tensor] = {}
+        todo = [
+            (key, loc)
+            for key, t in flat.tensors.items()
+            for loc in [_tensor_local_box(t.detach())[0]]
+            if loc.device.type != "cpu" or stage
+        ]
+        if todo:
+            # A snapshot in reused host buffers: later training steps cannot change what gets written, and no
+            # fresh memory is touched after the first save. Copies run on the I/O threads (torch releases the
+            # GIL), since the caller is blocked for exactly this long.
+            if len(todo) > 1 and self.io.threads > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(min(self.io.threads, len(todo)), thread_name_prefix="ckpt-stage") as ex:
+                    staged = dict(zip([k for k, _ in todo], ex.map(lambda kv: self._staging.stage(*kv), todo)))
+            else:
+                staged = {k: self._staging.stage(k, loc) for k, loc in todo}
         for key, t in flat.tensors.items():
             local, gshape, offs = _tensor_local_box(t.detach())
-            if local.device.type != "cpu" or stage:
-                # A snapshot in a reused host buffer: later training steps cannot change what gets written,
-                # and no fresh memory is touched after the first save.
-                local = self._staging.stage(key, local)
+            if key in staged:
+                local = staged[key]
             elif not local.is_contiguous() or local.is_conj() or local.is_neg():
                 local = local.resolve_conj().resolve_neg().contiguous()
             specs.append(
