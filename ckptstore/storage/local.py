@@ -1,4 +1,8 @@
-"""Local-disk storage: direct ``os.writev`` / ``os.preadv`` from and into tensor memory, real fsync."""
+"""Local-disk storage: direct ``os.writev`` / ``os.preadv`` from and into tensor memory, real fsync.
+
+Writers start the write-back of what they wrote every 32 MiB (``sync_file_range``, Linux), so the disk works
+while the writer still copies into the page cache and the final fsync has little left to wait for.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,9 @@ import errno
 import os
 import posixpath
 import shutil
+import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import fsspec
 
@@ -15,6 +20,33 @@ from .base import Buffer, Storage, _check_rel
 
 # Linux caps one writev/preadv call at IOV_MAX buffers.
 _IOV_MAX = 1024
+# Start write-back of every this many bytes written (sync_file_range), so the disk works while the writer is
+# still copying into the page cache; the fsync at close then has little left to wait for.
+_WRITEBACK_BYTES = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """``sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)`` through libc (Linux only), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+        fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a hint: errors are ignored, fsync decides durability
+
+    return start_writeback
+
+
+_start_writeback = _load_sync_file_range()
 
 
 def _fsync_dir(path: str) -> None:
@@ -37,6 +69,10 @@ class LocalStorage(Storage):
 
         st = LocalStorage("/tmp/ckpt")          # or "file:///tmp/ckpt"
     """
+
+    #: Splitting a read into several smaller ``read_into`` calls costs nothing extra (the I/O layer reads and
+    #: checksums slice by slice while the bytes are in the CPU cache).
+    small_reads_cheap = True
 
     def __init__(self, url: str) -> None:
         path = url
@@ -156,11 +192,24 @@ class LocalStorage(Storage):
     def remove_tree(self, rel: str) -> None:
         shutil.rmtree(self.full(rel), ignore_errors=True)
 
+    def remove_dir(self, rel: str) -> None:
+        if not _check_rel(rel):
+            return
+        try:
+            os.rmdir(self.full(rel))  # atomic: fails if a file is (or just got) in there
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+
 
 class _LocalWriter:
     def __init__(self, path: str) -> None:
         self._path = path
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pos = 0  # bytes written so far
+        self._flushed = 0  # write-back started up to here
 
     def write(self, buffers: Sequence[Buffer]) -> None:
         assert self._fd is not None
@@ -169,12 +218,16 @@ class _LocalWriter:
         while i < len(bufs):
             batch = bufs[i : i + _IOV_MAX]
             n = os.writev(self._fd, batch)
+            self._pos += n
             # Short writes happen (signals, pipes, some filesystems): advance through the batch.
             while n and n >= bufs[i].nbytes:
                 n -= bufs[i].nbytes
                 i += 1
             if n:
                 bufs[i] = bufs[i][n:]
+        if _start_writeback is not None and self._pos - self._flushed >= _WRITEBACK_BYTES:
+            _start_writeback(self._fd, self._flushed, self._pos - self._flushed)
+            self._flushed = self._pos
 
     def close(self) -> None:
         if self._fd is None:

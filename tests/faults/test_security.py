@@ -110,16 +110,27 @@ def test_malicious_pickle_never_runs(backend: Backend, tmp_path: Path) -> None:
     rel = f"{step_dir(1)}/{MANIFEST_NAME}"
     doc = json.loads(backend.read(rel))
     doc["tensors"]["evil"].pop("encoding")
-    backend.write(rel, json.dumps(doc).encode())
+    # crc32c is no signature: a tamperer can recompute the manifest's self-checksum, so re-sign the edit and
+    # check that the consistency checks hold on their own.
+    backend.write(rel, _resign(doc))
     with pytest.raises(ManifestError, match="pickle"):  # the tree still says "pickle": inconsistent, refused
         backend.manager().load(1)
     for node in (n for n in doc["tree"]["v"] if isinstance(n, dict) and n.get("t") == "pickle"):
         node["t"] = "tensor"
         node.pop("cls", None)
-    backend.write(rel, json.dumps(doc).encode())
+    backend.write(rel, _resign(doc))
     got = backend.manager().load(1)  # consistent now: the pickle's bytes come back as a uint8 tensor, inert
     assert got["evil"].dtype == torch.uint8 and torch.equal(got["w"], torch.arange(10.0))
     assert not sentinel.exists()
+
+
+def _resign(doc: dict) -> bytes:
+    """Serialise an edited manifest with a matching self-checksum (what a deliberate tamperer would do)."""
+    import crc32c
+
+    doc = {k: v for k, v in doc.items() if k != "manifest_crc32c"}
+    body = json.dumps(doc)[:-1].encode()  # without the closing brace
+    return body + f',\n "manifest_crc32c":"{crc32c.crc32c(body):08x}"\n}}\n'.encode()
 
 
 HOSTILE_KEYS = ["../../x", "a/../../../b", "/abs/path", "s3://other-bucket/k", "..", "C:\\win\\x", "%2e%2e%2fx", ""]

@@ -1,0 +1,332 @@
+"""Run the ckptstore benchmark suite and write ``benchmarks/results/<name>.{md,json,png}``.
+
+Usage (from the repository root)::
+
+    .venv/bin/python -m benchmarks.run                       # W1-W3, local + shm, 5 rounds (~30+ min)
+    .venv/bin/python -m benchmarks.run --quick               # small sizes, 3 rounds (~1-2 min) -> quick.*
+    .venv/bin/python -m benchmarks.run --workloads W1,W2 --target local --repeats 7
+    .venv/bin/python -m benchmarks.run --workloads W1 --contenders raw,torch,ckptstore,ckptstore:threads=2
+    .venv/bin/python -m benchmarks.run --workloads W1 --read-cache both   # also cold reads (see below)
+
+Method:
+
+* every measurement runs in a fresh process (forked from a fork server that has imported torch once); the
+  process builds the state, runs one operation, and reports its time and its peak RSS over the baseline;
+* contenders alternate: in round ``r`` the contender order is rotated by ``r``; within a round all saves run
+  back to back, then all restores, then all loads (each contender reads its own files; deleted at the end of the
+  round; if they would not fit in ``--max-live-gib``, each contender runs save+reads in turn instead); one
+  unrecorded warm-up (raw save + load) precedes the rounds;
+* every contender fsyncs every file it writes (and the directory);
+* throughput is checkpoint payload bytes (sum of tensor bytes, the same for every contender) / wall time, GB/s
+  with GB = 1e9 bytes; medians over the rounds with min-max; ratios are computed per round (same round, so the
+  same machine state) and their median is reported;
+* reads are "warm" by default: the files were just written, so their pages are in the page cache. Dropping the
+  machine's caches would disturb other users, so ``--read-cache cold`` instead evicts only this benchmark's
+  files (``posix_fadvise(DONTNEED)`` after the fsync; not possible on tmpfs);
+* every restore/load is checked against the saved state (crc32c fingerprint of all tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .contenders import DEFAULT_CONTENDERS, Contender, make_contender
+from .targets import Target, make_target
+from .workloads import WorkloadSpec, human_bytes, tensor_count, tensor_nbytes
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes and 3 rounds (~1-2 minutes)")
+    ap.add_argument("--workloads", default="W1,W2,W3", help="comma list of W1 (large), W2 (small), W3 (GPT-2+AdamW)")
+    ap.add_argument("--target", default="local,shm", help="comma list of local, shm (s3: hook only)")
+    ap.add_argument("--size-mib", type=int, default=None, help="W1 size in MiB (default 1024, quick 128)")
+    ap.add_argument("--tensor-mib", type=int, default=16, help="W1 tensor size in MiB (default 16)")
+    ap.add_argument("--small-count", type=int, default=None, help="W2 tensor count (default 10000, quick 1000)")
+    ap.add_argument("--small-kib", type=int, default=16, help="W2 tensor size in KiB (default 16)")
+    ap.add_argument("--gpt", default=None, choices=["small", "tiny"], help="W3 model (default small, quick tiny)")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds per workload and target (default 5, quick 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="unrecorded raw save+load warm-ups per workload (1)")
+    ap.add_argument(
+        "--contenders",
+        default=",".join(DEFAULT_CONTENDERS),
+        help="comma list; options after ':' e.g. ckptstore:threads=2:chunk_bytes=33554432",
+    )
+    ap.add_argument(
+        "--max-live-gib",
+        type=float,
+        default=6.0,
+        help="group each round by operation (all saves, then all reads) when the contenders' files fit in this "
+        "many GiB, else run each contender's save+reads in turn (default 6)",
+    )
+    ap.add_argument("--read-cache", default="warm", choices=["warm", "cold", "both"], help="page cache for reads")
+    ap.add_argument("--name", default=None, help="output name in benchmarks/results (default latest, quick: quick)")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement before it is killed")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    args.size_mib = args.size_mib or (128 if args.quick else 1024)
+    args.small_count = args.small_count or (1000 if args.quick else 10_000)
+    args.gpt = args.gpt or ("tiny" if args.quick else "small")
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.name = args.name or ("quick" if args.quick else "latest")
+    return args
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["benchmarks.worker"])
+        self.records: list[dict[str, Any]] = []
+        self.expected: dict[tuple[str, str], dict[str, Any]] = {}
+        self.problems: list[str] = []
+
+    # -- one measurement -----------------------------------------------------------------------------------
+    def job(self, job: dict[str, Any]) -> dict[str, Any]:
+        from . import worker
+
+        parent, child = self.ctx.Pipe(duplex=False)
+        p = self.ctx.Process(target=worker.child_main, args=(job, child), name="ckpt-bench-job")
+        p.start()
+        child.close()
+        res: dict[str, Any]
+        try:
+            if parent.poll(self.args.timeout):
+                res = parent.recv()
+            else:
+                res = {"error": f"timed out after {self.args.timeout:.0f}s"}
+        except EOFError:
+            res = {"error": "the measuring process died without a result"}
+        parent.close()
+        p.join(60 if "error" not in res else 0.1)
+        if p.is_alive():  # our own child, by its handle
+            p.kill()
+            p.join()
+        if p.exitcode not in (0, None) and "error" not in res:
+            res["error"] = f"exit code {p.exitcode}"
+        return res
+
+    @staticmethod
+    def prewarm(path: Path) -> None:
+        """Read our files once so a "warm" read really finds them in the page cache.
+
+        Just-written pages are not guaranteed to stay cached: memory reclaim (e.g. DAMON pageout in VMs) may
+        write back and drop them seconds later, which would make some "warm" reads partly cold.
+        """
+        buf = bytearray(8 << 20)
+        for d, _, files in os.walk(path):
+            for fn in files:
+                with open(os.path.join(d, fn), "rb", buffering=0) as f:
+                    while f.readinto(buf):
+                        pass
+
+    @staticmethod
+    def evict(path: Path) -> None:
+        """Drop the clean page-cache pages of our own files (not the machine's caches)."""
+        for d, _, files in os.walk(path):
+            for fn in files:
+                fd = os.open(os.path.join(d, fn), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def run(self, targets: list[Target], specs: list[WorkloadSpec], contenders: list[Contender]) -> None:
+        for target in targets:
+            target.setup()
+            try:
+                for spec in specs:
+                    self.run_workload(target, spec, contenders)
+            finally:
+                target.cleanup()
+
+    def run_workload(self, target: Target, spec: WorkloadSpec, contenders: list[Contender]) -> None:
+        a = self.args
+        usable = [c for c in contenders if target.is_fs or not c.fs_only]
+        nbytes = tensor_nbytes(spec)
+        print(f"\n== {target.name} | {spec.describe()} | {human_bytes(nbytes)} | {a.repeats} rounds", flush=True)
+        raw = make_contender("raw")
+        for i in range(a.warmup if target.is_fs else 0):
+            loc = target.location(f"{spec.name}-warmup-{i}")
+            for op in ("save", "load"):
+                self.job({"workload": spec.to_dict(), "contender": "raw", "op": op, "path": loc})
+            target.remove(f"{spec.name}-warmup-{i}")
+        del raw
+        reads = {"warm": ["warm"], "cold": ["cold"], "both": ["warm", "cold"]}[a.read_cache]
+        if not target.evictable:
+            reads = ["warm"]
+        savers = [c for c in usable if not self.borrows(c, usable)]
+        grouped = len([c for c in savers if set(c.ops) - {"save"}]) * nbytes <= a.max_live_gib * 2**30
+        t_start = time.perf_counter()
+        for r in range(a.repeats):
+            k = r % len(usable)
+            order = usable[k:] + usable[:k]
+            if grouped:
+                self.round_by_op(target, spec, order, r, reads)
+            else:
+                for c in order:
+                    self.round_by_op(target, spec, [c], r, reads)
+            el = time.perf_counter() - t_start
+            print(f"   round {r + 1}/{a.repeats} done, {el:.0f}s elapsed", flush=True)
+
+    @staticmethod
+    def borrows(c: Contender, group: list[Contender]) -> Contender | None:
+        """The contender whose files ``c`` reads (torch-mmap reads torch.save files), if it is in ``group``."""
+        if c.files_of is None:
+            return None
+        return next((o for o in group if o.kind == c.files_of and o.label == o.kind), None)
+
+    def round_by_op(
+        self, target: Target, spec: WorkloadSpec, order: list[Contender], rnd: int, reads: list[str]
+    ) -> None:
+        """All saves of ``order`` back to back, then all restores, then all loads (ratios pair up closely)."""
+        locs: dict[str, str] = {}
+        names: list[str] = []
+        try:
+            for c in order:
+                if self.borrows(c, order) is not None:
+                    continue
+                name = f"{spec.name}-{c.label.replace(':', '_').replace('=', '')}-r{rnd}"
+                names.append(name)
+                if self.measure(target, spec, c, "save", rnd, target.location(name), record="save" in c.ops):
+                    if set(c.ops) - {"save"}:
+                        locs[c.label] = target.location(name)
+                    else:
+                        target.remove(name)
+            for cache in reads:
+                for op in ("restore", "load"):
+                    for c in order:
+                        src = self.borrows(c, order) or c
+                        if op not in c.ops or src.label not in locs:
+                            continue
+                        if cache == "cold":
+                            self.evict(Path(locs[src.label]))
+                        elif target.is_fs:
+                            self.prewarm(Path(locs[src.label]))
+                        self.measure(target, spec, c, op, rnd, locs[src.label], cache=cache)
+        finally:
+            for name in names:
+                target.remove(name)
+
+    def measure(
+        self,
+        target: Target,
+        spec: WorkloadSpec,
+        c: Contender,
+        op: str,
+        rnd: int,
+        loc: str,
+        *,
+        record: bool = True,
+        cache: str = "warm",
+    ) -> bool:
+        res = self.job(
+            {
+                "workload": spec.to_dict(),
+                "contender": c.label,
+                "op": op,
+                "path": loc,
+                "storage_options": target.storage_options(),
+            }
+        )
+        nbytes = tensor_nbytes(spec)
+        rec: dict[str, Any] = {
+            "target": target.name,
+            "workload": spec.name,
+            "contender": c.label,
+            "op": op if cache == "warm" else f"{op} (cold)",
+            "round": rnd,
+            "nbytes": nbytes,
+            **{k: v for k, v in res.items() if k != "traceback"},
+        }
+        key = (target.name, spec.name)
+        fp = res.get("fingerprint")
+        if "error" not in res and fp is not None:
+            if op == "save":
+                exp = self.expected.setdefault(key, fp)
+                if fp["digest"] != exp["digest"]:
+                    rec["error"] = "save fingerprint differs between processes (non-deterministic workload?)"
+            elif key in self.expected and fp["digest"] != self.expected[key]["digest"]:
+                rec["error"] = f"{op} produced different data than was saved ({fp} != {self.expected[key]})"
+        if op == "save" and "error" not in res and target.is_fs:
+            files = [os.path.join(d, f) for d, _, fs in os.walk(loc) for f in fs]
+            rec["files"] = len(files)
+            rec["disk_bytes"] = sum(os.path.getsize(f) for f in files)
+        if "error" in rec:
+            msg = f"{target.name} {spec.name} {c.label} {rec['op']} round {rnd}: {rec['error']}"
+            self.problems.append(msg)
+            print(f"   !! {msg}", flush=True)
+            if res.get("traceback"):
+                print(res["traceback"], file=sys.stderr, flush=True)
+        else:
+            rec["gbps"] = nbytes / res["seconds"] / 1e9
+            if record:
+                print(
+                    f"   r{rnd} {c.label:<24} {rec['op']:<15} {rec['gbps']:7.2f} GB/s {res['seconds']:7.3f}s  "
+                    f"rss +{rec['rss_over'] / 2**20:7.1f} MiB",
+                    flush=True,
+                )
+        if record:
+            self.records.append(rec)
+        return "error" not in rec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    specs: list[WorkloadSpec] = []
+    for w in filter(None, args.workloads.upper().split(",")):
+        if w not in ("W1", "W2", "W3"):
+            raise SystemExit(f"unknown workload {w!r} (W1, W2, W3)")
+        specs.append(
+            WorkloadSpec(
+                w,
+                size_mib=args.size_mib,
+                tensor_mib=args.tensor_mib,
+                n_small=args.small_count,
+                small_kib=args.small_kib,
+                gpt=args.gpt,
+            )
+        )
+    contenders = [make_contender(c.strip()) for c in args.contenders.split(",") if c.strip()]
+    targets = [make_target(t.strip()) for t in args.target.split(",") if t.strip()]
+    machine = report.machine_info(targets)
+    print(report.machine_line(machine), flush=True)
+    for s in specs:
+        print(f"  {s.describe()}: {human_bytes(tensor_nbytes(s))} in {tensor_count(s):,} tensors")
+    runner = Runner(args)
+    t0 = time.time()
+    try:
+        runner.run(targets, specs, contenders)
+    except KeyboardInterrupt:
+        print("interrupted: writing what was measured so far", file=sys.stderr)
+    machine["load_avg_end"] = list(os.getloadavg())
+    meta = {
+        "command": " ".join(sys.argv[1:] if argv is None else argv),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "started_at": t0,
+        "seconds": time.time() - t0,
+        "workloads": {s.name: {**s.to_dict(), "describe": s.describe(), "nbytes": tensor_nbytes(s)} for s in specs},
+        "contenders": [c.label for c in contenders],
+        "problems": runner.problems,
+    }
+    paths = report.write_all(args.out_dir, args.name, machine, meta, runner.records, plot=not args.no_plot)
+    print("\n" + paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 1 if runner.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
