@@ -34,7 +34,6 @@ from .errors import (
 )
 from .format.manifest import (
     MANIFEST_NAME,
-    MAX_MANIFEST_BYTES,
     Manifest,
     Piece,
     TensorEntry,
@@ -277,23 +276,17 @@ class CheckpointManager:
         m = self._manifests.get((tier, step))
         if m is not None:
             return m
+        from .transfer import read_manifest
+
         storage = self._tier(tier)
-        rel = f"{step_dir(step)}/{MANIFEST_NAME}"
-        where = storage.url_of(rel)
         try:
-            size = storage.size(rel)
-            if size > MAX_MANIFEST_BYTES:
-                raise ManifestError(f"{where}: {size} bytes is larger than allowed; refusing to read it")
-            data = storage.read_bytes(rel)
-        except (FileNotFoundError, EOFError):
+            m, _ = read_manifest(storage, step)
+        except CheckpointNotFoundError:
             raise CheckpointNotFoundError(
                 f"step {step} is not committed under {storage.url} (no {MANIFEST_NAME}); committed steps: "
                 f"{_fmt_steps(self.steps(tier))}",  # type: ignore[arg-type]
                 step=step,
             ) from None
-        m = Manifest.from_bytes(data, where=where)
-        if m.step != step:
-            raise ManifestError(f"{where} says step {m.step}, but it lives under step {step}")
         with self._lock:
             self._manifests[(tier, step)] = m
         return m
