@@ -146,7 +146,9 @@ def write_file(storage: Storage, prefix: str, fp: FilePlan, sources: dict[str, S
         entries.append(HeaderEntry(_header_name(it), st_dtype, tuple(st_shape), it.nbytes))
         views.append(v)
     head, pos = build_header(entries, {"format": "pt"})
-    w = storage.open_write(f"{prefix}/{fp.name}")
+    # The views and the header stay alive and unchanged until write_files returns, so the storage may hold on
+    # to them instead of copying (S3 sends parts straight from tensor memory).
+    w = storage.open_write(f"{prefix}/{fp.name}", borrow=True)
     pieces: list[tuple[str, Piece]] = []
     try:
         # Checksum each slice right before it is written, so writev copies it out of the CPU cache; small

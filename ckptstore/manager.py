@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import platform
+import sys
 import threading
 import time
 import uuid
@@ -87,25 +88,31 @@ def _gc_paused(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _dtensor_type() -> type | None:
+    """DTensor's class if ``torch.distributed.tensor`` was imported, else None (then no DTensor can exist).
+
+    Importing it ourselves would cost ~0.6 s (it pulls in sympy) in every process that never uses DTensors.
+    """
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
 def _tensor_local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
     """(local tensor, global shape, global offsets of the local box) for plain tensors and DTensors."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        DTensor = ()  # type: ignore[assignment]
-    if DTensor and isinstance(t, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    DTensor = _dtensor_type()
+    if DTensor is None or not isinstance(t, DTensor):
+        return t, tuple(t.shape), (0,) * t.dim()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        if any(p.is_partial() for p in t.placements):
-            # A Partial local tensor is a summand, not a box of the value: writing it would store wrong data.
-            raise UnsupportedValueError(
-                f"cannot checkpoint a DTensor with a Partial placement {t.placements}; reduce it first, e.g. "
-                "t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)"
-            )
-        local = t.to_local()
-        _, offs = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return local, tuple(t.shape), tuple(int(o) for o in offs)
-    return t, tuple(t.shape), (0,) * t.dim()
+    if any(p.is_partial() for p in t.placements):
+        # A Partial local tensor is a summand, not a box of the value: writing it would store wrong data.
+        raise UnsupportedValueError(
+            f"cannot checkpoint a DTensor with a Partial placement {t.placements}; reduce it first, e.g. "
+            "t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)"
+        )
+    local = t.to_local()
+    _, offs = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return local, tuple(t.shape), tuple(int(o) for o in offs)
 
 
 class PendingSave:
@@ -431,12 +438,8 @@ class CheckpointManager:
         specs: list[LocalSpec] = []
         order = 0
         staged: dict[str, torch.Tensor] = {}
-        todo = [
-            (key, loc)
-            for key, t in flat.tensors.items()
-            for loc in [_tensor_local_box(t.detach())[0]]
-            if loc.device.type != "cpu" or stage
-        ]
+        boxes = {key: _tensor_local_box(t.detach()) for key, t in flat.tensors.items()}
+        todo = [(key, box[0]) for key, box in boxes.items() if stage or box[0].device.type != "cpu"]
         if todo:
             # A snapshot in reused host buffers: later training steps cannot change what gets written, and no
             # fresh memory is touched after the first save. Copies run on the I/O threads (torch releases the
@@ -449,7 +452,7 @@ class CheckpointManager:
             else:
                 staged = {k: self._staging.stage(k, loc) for k, loc in todo}
         for key, t in flat.tensors.items():
-            local, gshape, offs = _tensor_local_box(t.detach())
+            local, gshape, offs = boxes[key]
             if key in staged:
                 local = staged[key]
             elif not local.is_contiguous() or local.is_conj() or local.is_neg():

@@ -32,6 +32,9 @@ class IOOptions:
     """Largest single read request; bigger tensors are read as several parallel ranges."""
     part_bytes: int = 32 * MiB
     """S3 multipart part size (16-64 MiB recommended)."""
+    single_put_bytes: int = 128 * MiB
+    """S3: shard files up to this size are uploaded with one ``PutObject`` instead of a multipart upload
+    (fewer requests; no server-side reassembly). Bigger files go multipart, in parallel parts."""
     max_inflight_bytes: int = 256 * MiB
     """Upper bound of buffered-but-not-yet-uploaded bytes per process (S3)."""
     verify: bool = True

@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ def plan_writes(per_rank: Sequence[Sequence[LocalSpec]], *, save_id: str, option
                     f"ranks disagree on tensor {s.key!r}: {meta[s.key]} vs {m} (rank {rank}); every rank must "
                     "save the same structure"
                 )
-            if s.nbytes == 0 and math.prod(s.global_shape) > 0:
+            if not s.nbytes and math.prod(s.global_shape) > 0:
                 # An empty local shard of a non-empty tensor (FSDP2 pads uneven dims, so trailing ranks may
                 # hold nothing): nothing to write, and its offsets may point past the end of the tensor.
                 continue
@@ -139,15 +140,16 @@ def plan_writes(per_rank: Sequence[Sequence[LocalSpec]], *, save_id: str, option
     items: list[tuple[WriteItem, list[int]]] = []
     for box, spec in first.items():
         for offs, shape in _split_rows(spec, options.chunk_bytes, len(holders[box])):
-            whole = all(o == 0 for o in offs) and shape == spec.global_shape
+            whole = shape == spec.global_shape and not any(offs)
             it = WriteItem(spec.key, offs, shape, math.prod(shape) * spec.itemsize, spec.order, whole)
             items.append((it, holders[box]))
 
     # Largest first onto the least-loaded holder: the classic LPT heuristic, deterministic on ties.
     load = [0] * world
     by_rank: list[list[WriteItem]] = [[] for _ in range(world)]
-    for it, ranks in sorted(items, key=lambda x: (-x[0].nbytes, x[0].order, x[0].key, x[0].offsets)):
-        r = min(ranks, key=lambda r: (load[r], r))
+    items.sort(key=lambda x: (-x[0].nbytes, x[0].order, x[0].key, x[0].offsets))
+    for it, ranks in items:
+        r = ranks[0] if len(ranks) == 1 else min(ranks, key=lambda r: (load[r], r))
         load[r] += it.nbytes
         by_rank[r].append(it)
 
@@ -161,10 +163,10 @@ def plan_writes(per_rank: Sequence[Sequence[LocalSpec]], *, save_id: str, option
         else:
             n_files = max(math.ceil(total / options.file_bytes), min(options.threads, len(its)))
         bins: list[list[WriteItem]] = [[] for _ in range(n_files)]
-        fill = [0] * n_files
+        heap = [(0, b) for b in range(n_files)]  # (fill, bin): the least-filled bin, lowest index on ties
         for it in its:  # already largest first
-            b = min(range(n_files), key=lambda b: (fill[b], b))
-            fill[b] += it.nbytes
+            fill, b = heap[0]
+            heapq.heapreplace(heap, (fill + it.nbytes, b))
             bins[b].append(it)
         for idx, b in enumerate(x for x in bins if x):
             b.sort(key=lambda i: (i.order, i.offsets))

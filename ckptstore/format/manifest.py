@@ -215,9 +215,7 @@ class Manifest:
             "extras": self.extras,
         }
         # One field per line and one tensor per line: compact for 10k-tensor states, still readable and diffable.
-        def enc(v: Any) -> str:
-            return json.dumps(v, separators=(",", ":"), allow_nan=False, ensure_ascii=True)
-
+        enc = _ENCODER.encode
         lines = []
         for k, v in doc.items():
             if k == "tensors":
@@ -247,6 +245,8 @@ class Manifest:
         return m
 
 
+# One encoder for every line: json.dumps with options builds a new JSONEncoder per call (10k tensors = 20k).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=True)
 _CRC_FIELD = b',\n "manifest_crc32c":"'
 
 

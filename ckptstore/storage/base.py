@@ -104,7 +104,9 @@ class Storage:
     def makedirs(self, rel: str) -> None:
         self.fs.makedirs(self.full(rel), exist_ok=True)
 
-    def open_write(self, rel: str) -> FileWriter:
+    def open_write(self, rel: str, *, borrow: bool = False) -> FileWriter:
+        """A writer for ``rel``. ``borrow=True`` promises that buffers passed to ``write`` stay valid and
+        unchanged until ``close`` returns, so a backend may send them later without copying (S3 does)."""
         self.makedirs(posixpath.dirname(_check_rel(rel)))
         return _FsspecWriter(self.fs, self.full(rel))
 

@@ -101,7 +101,8 @@ class LocalStorage(Storage):
     def makedirs(self, rel: str) -> None:
         os.makedirs(self.full(rel), exist_ok=True)
 
-    def open_write(self, rel: str) -> _LocalWriter:
+    def open_write(self, rel: str, *, borrow: bool = False) -> _LocalWriter:
+        # ``borrow`` changes nothing here: every write goes to the kernel before write() returns.
         self.makedirs(posixpath.dirname(_check_rel(rel)))
         return _LocalWriter(self.full(rel))
 

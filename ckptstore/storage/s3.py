@@ -15,9 +15,11 @@ CPU; end-to-end integrity comes from the crc32c of every tensor in the manifest,
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import http.client
+import io
 import logging
 import os
 import threading
@@ -226,6 +228,14 @@ class S3Storage(Storage):
         fn = getattr(self.client, method)
         return self.retry.call(lambda: fn(**params), op=op, key=self._display(key))
 
+    def _call_with_body(self, op: str, method: str, key: str, views: list[memoryview], **kwargs: Any) -> Any:
+        """``_call`` with a request body made of ``views``: sent as they are, re-read from the start on a retry."""
+        params = self._params(op, **kwargs)
+        fn = getattr(self.client, method)
+        if len(views) == 1:
+            return self.retry.call(lambda: fn(Body=views[0], **params), op=op, key=self._display(key))
+        return self.retry.call(lambda: fn(Body=_ViewsBody(views), **params), op=op, key=self._display(key))
+
     def _display(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
@@ -293,11 +303,11 @@ class S3Storage(Storage):
     def makedirs(self, rel: str) -> None:
         _check_rel(rel)  # S3 has no directories to create
 
-    def open_write(self, rel: str) -> _S3Writer:
+    def open_write(self, rel: str, *, borrow: bool = False) -> _S3Writer:
         key = self._key(rel)
         if not key:
             raise IsADirectoryError(errno.EISDIR, "cannot write the storage root", self.url)
-        return _S3Writer(self, rel, key)
+        return _S3Writer(self, rel, key, borrow=borrow)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         view = _byte_view(data)
@@ -515,18 +525,29 @@ class S3Storage(Storage):
 
 
 class _S3Writer:
-    """Multipart upload of one object; see :meth:`S3Storage.open_write`.
+    """Upload of one object; see :meth:`S3Storage.open_write`.
 
-    Parts that lie inside one caller buffer are sent straight from it and ``write`` waits for them before it
-    returns (the caller may reuse its memory afterwards); the rest is copied into pooled part buffers and
-    uploads while the caller goes on. Any failure aborts the multipart upload.
+    Default mode: parts that lie inside one caller buffer are sent straight from it and ``write`` waits for them
+    before it returns (the caller may reuse its memory afterwards); the rest is copied into pooled part buffers
+    and uploads while the caller goes on.
+
+    Borrow mode (``borrow=True``: the caller keeps its buffers unchanged until ``close`` returns): nothing is
+    copied. Buffers are held until they add up to more than ``io.single_put_bytes``; an object that never gets
+    there is one ``PutObject`` at ``close``, a bigger one a multipart upload whose parts are runs of the
+    caller's buffers, sent while the caller goes on. Serializers writing a header and then tensor memory get
+    zero-copy uploads this way even though their parts straddle buffer boundaries.
+
+    Any failure aborts the multipart upload.
     """
 
-    def __init__(self, st: S3Storage, rel: str, key: str) -> None:
+    def __init__(self, st: S3Storage, rel: str, key: str, *, borrow: bool = False) -> None:
         self._st = st
         self._rel = rel
         self._key = key
         self._part = st.io.part_bytes
+        self._borrow = borrow
+        self._held: list[memoryview] = []  # borrow mode: caller buffers not yet handed to a request
+        self._held_bytes = 0
         self._buf: bytearray | None = None
         self._fill = 0
         self._upload_id: str | None = None
@@ -542,6 +563,20 @@ class _S3Writer:
     # -- public ------------------------------------------------------------------------------------------
     def write(self, buffers: Sequence[Buffer]) -> None:
         self._check_open()
+        if self._borrow:
+            try:
+                self._raise_part_error()
+                for b in buffers:
+                    mv = _byte_view(b)
+                    if mv.nbytes:
+                        self._held.append(mv)
+                        self._held_bytes += mv.nbytes
+                if self._upload_id is not None or self._held_bytes > self._st.io.single_put_bytes:
+                    self._submit_held(final=False)
+            except BaseException:
+                self._fail()
+                raise
+            return
         borrowed: list[Future[tuple[int, str]]] = []
         try:
             self._raise_part_error()
@@ -576,7 +611,14 @@ class _S3Writer:
         self._check_open()
         try:
             self._raise_part_error()
-            if self._upload_id is None:
+            if self._borrow and self._upload_id is None:
+                held, self._held, self._held_bytes = self._held, [], 0
+                self._size = sum(v.nbytes for v in held)
+                self._st._call_with_body("PutObject", "put_object", self._key, held, Key=self._key)
+            elif self._borrow:
+                self._submit_held(final=True)
+                self._complete(self._collect())
+            elif self._upload_id is None:
                 body = memoryview(self._buf)[: self._fill] if self._buf is not None else memoryview(b"")
                 self._st._call("PutObject", "put_object", self._key, Key=self._key, Body=body)
                 self._drop_buffer()
@@ -615,6 +657,35 @@ class _S3Writer:
         resp = self._st._call("CreateMultipartUpload", "create_multipart_upload", self._key, Key=self._key)
         self._upload_id = resp["UploadId"]
         log.debug("multipart upload of %s started (%s)", self.display, self._upload_id)
+
+    def _submit_held(self, *, final: bool) -> None:
+        """Borrow mode: hand full parts (the rest too when ``final``) of the held buffers to the upload pool."""
+        while self._held_bytes >= self._part or (final and self._held_bytes):
+            take = min(self._part, self._held_bytes)
+            views: list[memoryview] = []
+            got = 0
+            while got < take:
+                v = self._held[0]
+                n = min(v.nbytes, take - got)
+                views.append(v[:n])
+                got += n
+                if n == v.nbytes:
+                    self._held.pop(0)
+                else:
+                    self._held[0] = v[n:]
+            self._held_bytes -= take
+            self._submit_views(views)
+
+    def _submit_views(self, views: list[memoryview]) -> None:
+        if self._upload_id is None:
+            self._start()
+        number = self._next_part
+        if number > MAX_PARTS:
+            raise StorageError(f"{self.display}: more than {MAX_PARTS} parts; raise io.part_bytes (now {self._part})")
+        self._next_part += 1
+        self._size += sum(v.nbytes for v in views)
+        # No staging memory is held, so the budget is not involved: the pool's queue only holds views.
+        self._futures.append(self._st.pool.submit(self._upload_part, number, views))
 
     def _submit_staged(self) -> None:
         buf, fill = self._buf, self._fill
@@ -658,16 +729,11 @@ class _S3Writer:
         self._futures.append(fut)
         return fut
 
-    def _upload_part(self, number: int, view: memoryview) -> tuple[int, str]:
+    def _upload_part(self, number: int, body: memoryview | list[memoryview]) -> tuple[int, str]:
         assert self._upload_id is not None
-        resp = self._st._call(
-            "UploadPart",
-            "upload_part",
-            self._key,
-            Key=self._key,
-            UploadId=self._upload_id,
-            PartNumber=number,
-            Body=view,
+        views = body if isinstance(body, list) else [body]
+        resp = self._st._call_with_body(
+            "UploadPart", "upload_part", self._key, views, Key=self._key, UploadId=self._upload_id, PartNumber=number
         )
         return number, str(resp["ETag"])
 
@@ -719,6 +785,7 @@ class _S3Writer:
         if self._state != "open":
             return
         self._state = "failed"
+        self._held, self._held_bytes = [], 0
         for f in self._futures:
             f.cancel()
         wait_futures(self._futures)  # an abort racing in-flight parts could leave them stored
@@ -739,6 +806,71 @@ class _S3Writer:
                 self.display,
                 e,
             )
+
+
+class _ViewsBody(io.RawIOBase):
+    """A seekable, sized request body over several buffers; ``read`` returns slices of them, never copies.
+
+    http.client sends a file-like body by ``read(blocksize)`` + ``sendall`` (a memoryview is fine there), and
+    botocore sizes it with ``len``/``seek``/``tell`` and rewinds it with ``seek``.
+    """
+
+    def __init__(self, views: list[memoryview]) -> None:
+        super().__init__()
+        self._views = views
+        self._starts: list[int] = []
+        pos = 0
+        for v in views:
+            self._starts.append(pos)
+            pos += v.nbytes
+        self._len = pos
+        self._pos = 0
+        self._i = 0  # index of the view holding self._pos
+
+    def __len__(self) -> int:
+        return self._len
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            pos += self._pos
+        elif whence == io.SEEK_END:
+            pos += self._len
+        if not 0 <= pos <= self._len:
+            raise ValueError(f"seek to {pos} outside a body of {self._len} bytes")
+        self._pos = pos
+        self._i = max(0, bisect.bisect_right(self._starts, pos) - 1)
+        return pos
+
+    def read(self, size: int | None = -1) -> bytes | memoryview:  # type: ignore[override]
+        if size is None or size < 0:
+            rest = [self.read(self._len)]
+            while rest[-1]:
+                rest.append(self.read(self._len))
+            return b"".join(rest)
+        while self._i < len(self._views):
+            v = self._views[self._i]
+            off = self._pos - self._starts[self._i]
+            if off < v.nbytes:
+                take = min(size, v.nbytes - off)
+                self._pos += take
+                return v[off : off + take]
+            self._i += 1
+        return b""
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
 
 
 # -- helpers -----------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def ddp_two_ranks(rank: int, world: int, root: str) -> dict[str, Any]:
     orig_open = mgr.storage.open_write
     if rank == 1:
 
-        def failing_open(rel: str) -> Any:
+        def failing_open(rel: str, **kwargs: Any) -> Any:
             raise OSError(errno.ENOSPC, "injected: no space left on device", rel)
 
         mgr.storage.open_write = failing_open  # type: ignore[method-assign]
@@ -318,11 +318,11 @@ def fault_job(rank: int, world: int, root: str, fault: str, victim: int, timeout
     if rank == victim:
         orig_open = mgr.storage.open_write
 
-        def faulty_open(rel: str) -> Any:
+        def faulty_open(rel: str, **kwargs: Any) -> Any:
             if fault == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(timeout + 2)  # stuck past the others' deadline, then carry on late
-            return orig_open(rel)
+            return orig_open(rel, **kwargs)
 
         mgr.storage.open_write = faulty_open  # type: ignore[method-assign]
     dist.barrier()  # start the timed save together

@@ -256,3 +256,72 @@ def test_missing_bucket(s3_root: tuple[str, dict[str, Any]]) -> None:
         st.read_bytes("a")
     with pytest.raises(FileNotFoundError):
         st.list_dir("")
+
+
+# -- borrow mode: the caller keeps its buffers until close(); nothing is copied ------------------------------
+def _borrowed_write(st: S3Storage, rel: str, pieces: list[np.ndarray]) -> None:
+    w = st.open_write(rel, borrow=True)
+    for p in pieces:
+        w.write([memoryview(p)])
+    w.close()
+
+
+def test_borrow_small_object_is_one_put_from_several_buffers(proxied: S3Storage, s3_faults: S3Faults) -> None:
+    # A header and tensors, as a shard file is written: under single_put_bytes it is one PutObject.
+    pieces = [_data(88, seed=1), _data(3 * MiB + 5, seed=2), _data(2 * MiB, seed=3)]
+    st = _storage(s3_faults.root, single_put_bytes=8 * MiB)
+    _borrowed_write(st, "one.bin", pieces)
+    assert st.read_bytes("one.bin") == b"".join(p.tobytes() for p in pieces)
+    reqs = [(r.method, r.query) for r in s3_faults.requests if r.path.endswith("/one.bin")]
+    assert reqs[0] == ("PUT", "")
+    assert not any("uploads" in q or "uploadId" in q for _, q in reqs)
+    assert st._budget.used == 0  # no staging buffer was taken
+    st.close()
+
+
+def test_borrow_large_object_is_multipart_without_staging(s3_root: tuple[str, dict[str, Any]], s3_client: Any) -> None:
+    # Parts straddle the caller's buffers (a 1000-byte head first), yet no part buffer is staged.
+    data = _data(3 * PART + 777, seed=4)
+    st2 = _storage(s3_root, single_put_bytes=PART)
+    staged: list[int] = []
+    orig_get = st2._buffers.get
+    st2._buffers.get = lambda: staged.append(1) or orig_get()  # type: ignore[method-assign]
+    _borrowed_write(st2, "big.bin", [data[:1000], data[1000 : 2 * PART], data[2 * PART :]])
+    head = s3_client.head_object(Bucket=BUCKET, Key="run/big.bin")
+    assert head["ContentLength"] == data.nbytes
+    assert head["ETag"].strip('"').endswith("-4")  # 3 full parts + the rest
+    assert staged == []
+    out = np.zeros_like(data)
+    st2.read_into("big.bin", 0, [memoryview(out)])
+    assert np.array_equal(out, data)
+    assert _uploads(s3_client) == []
+    st2.close()
+
+
+def test_borrow_retry_resends_the_whole_body(s3_faults: S3Faults) -> None:
+    # A 503 on the single PUT and on one part: the retried request must send every byte again from the start.
+    st = _storage(s3_faults.root, single_put_bytes=PART)
+    small = [_data(100, seed=6), _data(PART - 100, seed=7)]
+    s3_faults.fail_next(1, 503, code="SlowDown", methods=["PUT"])
+    _borrowed_write(st, "small.bin", small)
+    assert st.read_bytes("small.bin") == b"".join(p.tobytes() for p in small)
+
+    big = [_data(10, seed=8), _data(2 * PART, seed=9), _data(PART // 2, seed=10)]
+    s3_faults.fail_next(1, 503, code="SlowDown", match=lambda r: "partNumber=2" in r.query)
+    _borrowed_write(st, "big.bin", big)
+    assert st.read_bytes("big.bin") == b"".join(p.tobytes() for p in big)
+    assert s3_faults.failed == 2
+    st.close()
+
+
+def test_borrow_failure_aborts_and_leaves_no_object(s3_faults: S3Faults, s3_client: Any) -> None:
+    st = _storage(s3_faults.root, single_put_bytes=PART)
+    s3_faults.fail_always(500, match=lambda r: "partNumber" in r.query)
+    w = st.open_write("broken.bin", borrow=True)
+    with pytest.raises(OSError):
+        w.write([memoryview(_data(3 * PART, seed=11))])
+        w.close()
+    s3_faults.clear()
+    assert not st.exists("broken.bin")
+    assert _uploads(s3_client) == []
+    st.close()
