@@ -115,6 +115,20 @@ def _tensor_local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], t
     return local, tuple(t.shape), tuple(int(o) for o in offs)
 
 
+def _lower_thread_priority(nice: int) -> None:
+    """Make the calling thread (and the threads it starts, which inherit it) yield the CPU to training.
+
+    Linux keeps a nice value per thread; elsewhere this is a no-op.
+    """
+    if not nice or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+    except OSError as e:  # e.g. a sandbox forbidding it: only scheduling is lost
+        log.debug("could not lower the priority of the async save thread: %s", e)
+
+
 class PendingSave:
     """Handle of a save running in the background (``save(..., blocking=False)``).
 
@@ -428,7 +442,12 @@ class CheckpointManager:
         from concurrent.futures import ThreadPoolExecutor
 
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-async")
+            self._executor = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="ckpt-async",
+                initializer=_lower_thread_priority,
+                initargs=(self.io.background_nice,),
+            )
         fut = self._executor.submit(self._run_save, job)
         self._pending = PendingSave(step, fut)
         return self._pending

@@ -41,6 +41,9 @@ class IOOptions:
     """Check crc32c of every piece on restore/load."""
     timeout_seconds: float = 600.0
     """Distributed collectives and waits give up after this long (no rank hangs forever)."""
+    background_nice: int = 10
+    """Async saves: the niceness (0-19, Linux) of the background threads that write, so the training
+    threads keep their CPU while a save is in flight. 0 leaves them at the caller's priority."""
     staging_budget_bytes: int | None = None
     """Most host memory async saves may hold in staging buffers (None: as much as the state needs). A state
     larger than the budget is saved synchronously, with a warning."""
@@ -49,6 +52,10 @@ class IOOptions:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name == "staging_budget_bytes" and v is None:
+                continue
+            if f.name == "background_nice":
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 19:
+                    raise ConfigError(f"io.background_nice must be an int from 0 to 19, got {v!r}")
                 continue
             if f.name == "verify":
                 if not isinstance(v, bool):

@@ -441,3 +441,9 @@ def test_repr_hides_credentials() -> None:
         assert f"'{secret}'" not in text
     assert "http://e" in text and "'***'" in text
     assert cfg.storage_options["secret"] == "s3cr3t"  # only the repr is redacted
+
+
+@pytest.mark.parametrize("bad", [-1, 20, 2.5, True, "10"])
+def test_background_nice_must_be_a_nice_value(bad: object) -> None:
+    msg = config_error({"root": "/tmp/x", "io": {"background_nice": bad}})
+    assert "background_nice" in msg and "0 to 19" in msg

@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -411,6 +413,33 @@ def test_async_staging_buffers_are_reused_and_budget_respected(tmp_path: Path, c
         res = mgr.save(1, {"w": w}, blocking=False)
         assert not isinstance(res, PendingSave) and res.step == 1  # over budget: saved synchronously
         assert any("staging budget" in r.message for r in caplog.records)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+@pytest.mark.parametrize("nice", [10, 0])
+def test_async_writer_threads_yield_to_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nice: int) -> None:
+    # Every thread that writes shard files of an async save runs at io.background_nice; sync saves do not.
+    import ckptstore.io as cio
+
+    seen: list[tuple[str, int]] = []
+    orig = cio.write_file
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(cio, "write_file", spy)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    state = {f"t{i}": torch.randn(1 << 18) for i in range(8)}  # 8 MiB in 8 tensors
+    io = IOOptions(background_nice=nice, min_split_bytes=1 << 20)  # several files, so several writer threads
+    with CheckpointManager(str(tmp_path / "c"), io=io) as mgr:
+        mgr.save(1, state)
+        sync = list(seen)
+        seen.clear()
+        mgr.save(2, state, blocking=False).wait()
+    assert len(sync) > 1 and len(seen) > 1
+    assert {p for _, p in sync} == {base}
+    assert {p for _, p in seen} == {max(base, nice)}
 
 
 def test_retention_runs_after_async_saves_commit(root: str) -> None:
