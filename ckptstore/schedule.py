@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, DistributedSaveError
 
 log = logging.getLogger("ckptstore")
 
@@ -133,7 +133,13 @@ class SaveSchedule:
 
         # Rank 0's clock decides the time trigger (clocks drift between hosts); any rank's signal counts.
         flags = torch.tensor([int(time_due) if self.comm.rank == 0 else 0, int(preempted)], dtype=torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.comm.group)
+        try:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.comm.group)
+        except Exception as e:  # gloo/NCCL raise RuntimeError subclasses on a dead peer or a timeout
+            raise DistributedSaveError(
+                f"rank {self.comm.rank}: the ranks could not agree whether to save (a peer died, hung or left "
+                f"the job: {type(e).__name__}: {e}); restart the job, it resumes from the latest step"
+            ) from e
         return bool(flags[0]), bool(flags[1])
 
     def __enter__(self) -> SaveSchedule:

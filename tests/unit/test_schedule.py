@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from ckptstore.errors import ConfigError
+from ckptstore.errors import ConfigError, DistributedSaveError
 from ckptstore.schedule import SaveSchedule
 
 
@@ -78,3 +78,16 @@ def test_manager_on_preemption_then_save_and_stop(tmp_path) -> None:
             if schedule.preempted:
                 break
     assert saved == [7] and mgr.steps() == [7]
+
+
+def test_failed_agreement_is_a_typed_error() -> None:
+    # A collective that cannot complete (here: no process group at all) surfaces as DistributedSaveError.
+    class BrokenComm:
+        is_distributed = True
+        rank = 1
+        group = None
+
+    sched = SaveSchedule(every_steps=10, comm=BrokenComm(), install=False)
+    with pytest.raises(DistributedSaveError, match="could not agree") as e:
+        sched.should_save(3)
+    assert e.value.__cause__ is not None
