@@ -891,12 +891,19 @@ class CheckpointManager:
             wanted = None
         else:
             wanted = [_check_step(step)]
+        if wanted is not None:
+            # One existence check per tier for the step asked for, not a listing of every step (a LIST plus a
+            # HEAD per step on S3).
+            out = [
+                (s, t)
+                for s in wanted
+                for t in self.tiers
+                if (t, s) in self._manifests or self._tier(t).exists(f"{step_dir(s)}/{MANIFEST_NAME}")
+            ]
+            return out or [(wanted[0], "primary")]  # reading it raises a CheckpointNotFoundError listing the steps
         on = {t: set(self.steps(t)) for t in self.tiers}  # type: ignore[arg-type]
-        steps = sorted(set().union(*on.values()), reverse=True) if wanted is None else wanted
-        out = [(s, t) for s in steps for t in self.tiers if s in on[t]]
-        if wanted is not None and not out:
-            out = [(wanted[0], "primary")]  # reading it raises a CheckpointNotFoundError that lists the steps
-        return out
+        steps = sorted(set().union(*on.values()), reverse=True)
+        return [(s, t) for s in steps for t in self.tiers if s in on[t]]
 
     @_gc_paused
     def restore(

@@ -38,6 +38,20 @@ def test_round_trip_restore_and_listing(s3_root: tuple[str, dict]) -> None:
     assert CheckpointManager(url, storage_options=opts).steps() == [2, 10]
 
 
+def test_loading_a_given_step_does_not_list_every_step(s3_faults: Any) -> None:
+    url, opts = s3_faults.root
+    with CheckpointManager(url, storage_options=opts) as mgr:
+        for s in range(1, 6):
+            mgr.save(s, _state(s))
+    fresh = CheckpointManager(url, storage_options=opts)  # nothing cached
+    s3_faults.reset_log()
+    assert torch.equal(fresh.load(3)["w"], _state(3)["w"])
+    reqs = list(s3_faults.requests)
+    assert not [r for r in reqs if "list-type" in r.query or "prefix=" in r.query]  # no ListObjects
+    assert len([r for r in reqs if r.method == "HEAD"]) <= 2  # exists + the size check before reading
+    fresh.close()
+
+
 def test_second_writer_of_a_step_gets_exists_error(s3_root: tuple[str, dict]) -> None:
     url, opts = s3_root
     a = CheckpointManager(url, storage_options=opts)
