@@ -334,13 +334,7 @@ def read_pieces(
 
     def finish(t: ReadTask, got: int) -> None:
         if verify and got != t.piece.crc32c:
-            raise IntegrityError(
-                f"checksum mismatch in step {step}, file {t.piece.file}, key {t.key!r} "
-                f"(bytes {t.piece.start}-{t.piece.end}: crc32c {got:08x}, manifest {t.piece.crc32c:08x})",
-                step=step,
-                file=t.piece.file,
-                key=t.key,
-            )
+            raise _mismatch(step, t.key, t.piece, got)
         if t.after is not None:
             t.after()
 
@@ -351,6 +345,45 @@ def read_pieces(
             for _, n, c in sorted(ranges[tid]):
                 got = crc32c_combine(got, c, n)
         finish(t, got)
+
+
+def _mismatch(step: int | None, key: str, piece: Piece, got: int) -> IntegrityError:
+    return IntegrityError(
+        f"checksum mismatch in step {step}, file {piece.file}, key {key!r} "
+        f"(bytes {piece.start}-{piece.end}: crc32c {got:08x}, manifest {piece.crc32c:08x})",
+        step=step,
+        file=piece.file,
+        key=key,
+    )
+
+
+def verify_views(
+    items: Sequence[tuple[str, Piece, memoryview]], options: IOOptions, *, step: int | None = None
+) -> None:
+    """Check the crc32c of pieces that are already in memory (``(key, piece, bytes)``), several in parallel.
+
+    Used for memory-mapped shard files: the check is also what faults their pages in, in parallel.
+    """
+    if not options.verify or not items:
+        return
+    # Big pieces are checked in ranges whose checksums are combined, so one large tensor still uses every thread.
+    chunk = max(1 << 20, options.read_chunk_bytes)
+    work: list[tuple[int, int, int]] = []  # (item index, start, end)
+    for i, (_, _, v) in enumerate(items):
+        work.extend((i, a, min(v.nbytes, a + chunk)) for a in range(0, max(v.nbytes, 1), chunk))
+    crcs: dict[tuple[int, int], int] = {}
+
+    def run(w: tuple[int, int, int]) -> None:
+        i, a, b = w
+        crcs[(i, a)] = crc32c(items[i][2][a:b])  # distinct keys: no lock needed
+
+    _parallel(run, work, options.threads, name="ckpt-verify")
+    got = [0] * len(items)
+    for i, a, b in work:  # in order: ranges of one item are ascending
+        got[i] = crc32c_combine(got[i], crcs[(i, a)], b - a)
+    for (key, piece, _), g in zip(items, got):
+        if g != piece.crc32c:
+            raise _mismatch(step, key, piece, g)
 
 
 def _parallel(fn: Callable, items: Sequence, threads: int, *, name: str = "ckpt-read") -> None:

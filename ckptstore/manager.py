@@ -44,7 +44,7 @@ from .format.manifest import (
     step_dir,
 )
 from .format.state import PerRank, flatten, is_stateful, unflatten
-from .io import ReadTask, Source, plan_fill, read_pieces, write_files
+from .io import ReadTask, Source, plan_fill, read_pieces, tensor_bytes, verify_views, write_files
 from .options import IOOptions
 from .plan import LocalSpec, WritePlan, plan_writes
 from .staging import StagingPool
@@ -179,6 +179,11 @@ class _ReadCtx:
     unexpected: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warned_devices: set[str] = field(default_factory=set)
+    map_files: bool = False
+    """Fresh CPU tensors may be views of copy-on-write maps of the shard files (``load()`` on local disk)."""
+    maps: dict[str, Any] = field(default_factory=dict)
+    mapped: list[tuple[str, Piece, memoryview]] = field(default_factory=list)
+    """Pieces that are mapped, not read: only their checksums are checked."""
 
 
 class CheckpointManager:
@@ -1048,9 +1053,11 @@ class CheckpointManager:
         self, m: Manifest, map_location: Any, verify: bool | None, trusted: bool, storage: Storage | None = None
     ) -> Any:
         self._check_trust(m, trusted)
-        rc = _ReadCtx(m, map_location, self.comm.rank, storage)
+        rc = _ReadCtx(m, map_location, self.comm.rank, storage, map_files=self.io.mmap_load)
         value = unflatten(m.tree, lambda key, node: self._fresh(rc, key), rank=self.comm.rank)
-        read_pieces(storage or self.storage, step_dir(m.step), rc.tasks, self._io_for(verify), step=m.step)
+        io = self._io_for(verify)
+        read_pieces(storage or self.storage, step_dir(m.step), rc.tasks, io, step=m.step)
+        verify_views(rc.mapped, io, step=m.step)
         return self._finalize(rc, value)
 
     def _restore_from(
@@ -1253,10 +1260,43 @@ class CheckpointManager:
         dev = _resolve_device(rc, key, e)
         if dev.type == "meta":
             return torch.empty(e.shape, dtype=dt, device="meta")
+        if rc.map_files and dev.type == "cpu":
+            mapped = self._map_piece(rc, key, e, dt)
+            if mapped is not None:
+                return mapped
         t = self._alloc(rc, key, e, dt)
         rc.tasks.extend(plan_fill(key, e, t))
         if dev.type != "cpu":
             rc.moves[id(t)] = dev
+        return t
+
+    def _map_piece(self, rc: _ReadCtx, key: str, e: TensorEntry, dt: torch.dtype) -> torch.Tensor | None:
+        """A tensor viewing its bytes in a copy-on-write map of the shard file, or None (then it is read)."""
+        if len(e.pieces) != 1:
+            return None
+        p = e.pieces[0]
+        itemsize = torch.empty(0, dtype=dt).element_size()
+        numel = math.prod(e.shape)
+        if p.offsets is not None or not numel or p.nbytes != numel * itemsize or p.start % itemsize:
+            return None
+        if p.file not in rc.maps:
+            try:
+                rc.maps[p.file] = (rc.storage or self.storage).map_private(f"{step_dir(rc.manifest.step)}/{p.file}")
+            except (OSError, ValueError):
+                rc.maps[p.file] = None  # missing or unmappable: the read path reports it precisely
+        mm = rc.maps[p.file]
+        if mm is None:
+            return None
+        if p.end > len(mm):
+            raise IntegrityError(
+                f"step {rc.manifest.step}: file {p.file} is shorter than the manifest says ({len(mm)} bytes, "
+                f"key {key!r} ends at {p.end})",
+                step=rc.manifest.step,
+                file=p.file,
+                key=key,
+            )
+        t = torch.frombuffer(mm, dtype=dt, count=numel, offset=p.start).view(e.shape)
+        rc.mapped.append((key, p, tensor_bytes(t)))
         return t
 
     def _alloc(self, rc: _ReadCtx, key: str, e: TensorEntry, dt: torch.dtype) -> torch.Tensor:

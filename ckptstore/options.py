@@ -39,6 +39,10 @@ class IOOptions:
     """Upper bound of buffered-but-not-yet-uploaded bytes per process (S3)."""
     verify: bool = True
     """Check crc32c of every piece on restore/load."""
+    mmap_load: bool = True
+    """``load()`` from local disk: tensors map the shard files copy-on-write (as ``torch.load(mmap=True)`` and
+    safetensors do) instead of being read into freshly allocated memory, which is several times slower to
+    touch first. Writes to such a tensor stay private; the files are never changed."""
     timeout_seconds: float = 600.0
     """Distributed collectives and waits give up after this long (no rank hangs forever)."""
     background_nice: int = 10
@@ -57,9 +61,9 @@ class IOOptions:
                 if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 19:
                     raise ConfigError(f"io.background_nice must be an int from 0 to 19, got {v!r}")
                 continue
-            if f.name == "verify":
+            if f.name in ("verify", "mmap_load"):
                 if not isinstance(v, bool):
-                    raise ConfigError(f"io.verify must be true or false, got {v!r}")
+                    raise ConfigError(f"io.{f.name} must be true or false, got {v!r}")
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ConfigError(f"io.{f.name} must be a positive number, got {v!r}")

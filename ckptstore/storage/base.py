@@ -9,6 +9,7 @@ root and use ``/``. Errors are built-in exceptions (``FileNotFoundError``, ``Fil
 from __future__ import annotations
 
 import logging
+import mmap
 import posixpath
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -153,6 +154,11 @@ class Storage:
             n = b.nbytes
             b.cast("B")[:] = data[pos : pos + n]
             pos += n
+
+    def map_private(self, rel: str) -> mmap.mmap | None:
+        """A copy-on-write memory map of the whole file (writes to it stay private), or None where files are not
+        local or are empty. Tensors on it read the page cache in place instead of copying into fresh memory."""
+        return None
 
     # -- deleting ----------------------------------------------------------------------------------------
     def remove(self, rel: str) -> None:

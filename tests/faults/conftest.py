@@ -24,6 +24,7 @@ def io_options(**kw: Any) -> IOOptions:
         file_bytes=256 * 1024,
         min_split_bytes=256 * 1024,
         part_bytes=5 * MiB,
+        single_put_bytes=5 * MiB,  # files over one part go multipart, as parts are what these faults target
         max_inflight_bytes=20 * MiB,
         read_chunk_bytes=1 * MiB,
     )

@@ -221,6 +221,32 @@ def test_flipped_byte_raises_integrity_error_and_latest_falls_back(tmp_path: Pat
     assert not torch.equal(out["w"], b["w"])
 
 
+def test_load_maps_local_files_copy_on_write(tmp_path: Path) -> None:
+    # load() on local disk maps the shard files MAP_PRIVATE: same values, writes stay private, the files never
+    # change, and the tensors outlive the deletion of the step. Odd offsets (a 3-byte tensor before a float64
+    # one) fall back to reading.
+    state = {"w": torch.randn(64, 33), "odd": torch.arange(3, dtype=torch.uint8), "d": torch.randn(7).double()}
+    state["bf"] = torch.randn(5).to(torch.bfloat16)
+    root = str(tmp_path / "c")
+    with CheckpointManager(root) as mgr:
+        mgr.save(1, state)
+        reads: list[int] = []
+        orig = mgr.storage.read_into
+        mgr.storage.read_into = lambda rel, off, bufs: reads.append(sum(b.nbytes for b in bufs)) or orig(rel, off, bufs)
+        mapped = mgr.load(1)
+        assert sum(reads) < state["w"].nbytes  # "w" was mapped, not read
+        for k, v in state.items():
+            assert mapped[k].dtype == v.dtype and torch.equal(mapped[k], v)
+        mapped["w"].add_(1)  # private to this process
+        assert torch.equal(mgr.load(1)["w"], state["w"])
+        mgr.delete(1)
+        assert torch.equal(mapped["w"], state["w"] + 1) and torch.equal(mapped["d"], state["d"])
+    with CheckpointManager(str(tmp_path / "r"), io=IOOptions(mmap_load=False)) as mgr:
+        mgr.save(1, state)
+        read = mgr.load(1)
+        assert all(torch.equal(read[k], v) for k, v in state.items())
+
+
 def test_truncated_shard_is_never_loaded_silently(tmp_path: Path) -> None:
     mgr = CheckpointManager(str(tmp_path / "c"))
     mgr.save(1, {"w": torch.randn(4096)})
