@@ -1,7 +1,7 @@
 """Benchmark contenders: the same three operations implemented by every checkpointing approach.
 
-* ``save``    - write the workload's state to a directory and make it durable (every file fsynced, and the
-  directory);
+* ``save``    - write the workload's state to a directory (or an ``s3://`` prefix) and make it durable (every
+  file fsynced, and the directory; an S3 object is durable once its PUT/CompleteMultipartUpload returned);
 * ``restore`` - put a saved state back into an *existing* model/optimizer of the same shapes;
 * ``load``    - read a saved state into fresh objects (the worker then reads every byte once, inside the timed
   region, so lazy/mmap loaders pay for their page faults).
@@ -10,15 +10,23 @@ Contenders (``--contenders``; options after ``:`` as ``key=value``, e.g. ``ckpts
 
 =================  ===============================================================================================
 ``raw``            the physical limit: one file, a single stream of ``os.writev`` from tensor memory + fsync;
-                   restore = ``os.preadv`` into the existing tensors; load = ``torch.empty`` + ``os.preadv``
+                   restore = ``os.preadv`` into the existing tensors; load = ``torch.empty`` + ``os.preadv``.
+                   On S3: one object per tensor, all uploaded by one parallel s3fs ``fs.pipe`` (the bytes are
+                   prepared before the timer: botocore needs ``bytes``) and read by one parallel ``fs.cat``
+                   (restore copies them into the existing tensors; load wraps them with ``torch.frombuffer``)
 ``torch``          ``torch.save`` + fsync; ``torch.load`` (+ ``load_state_dict``)
 ``torch-mmap``     reads ``torch.save`` files with ``torch.load(mmap=True)`` (its save is not reported)
 ``safetensors``    ``safetensors.torch.save_file`` + fsync; ``load_file`` (+ ``load_state_dict``)
 ``dcp``            ``torch.distributed.checkpoint`` single process (``no_dist=True``), ``FileSystemWriter(
-                   thread_count=threads, sync_files=True)``; the tutorial's ``Stateful`` app state;
-                   ``dcp:threads=2`` reports only ``save`` (reading does not use the thread count)
+                   thread_count=threads, sync_files=True)`` (on S3 its ``FsspecWriter``/``FsspecReader`` with
+                   the target's storage options); the tutorial's ``Stateful`` app state; ``dcp:threads=2``
+                   reports only ``save`` (reading does not use the thread count)
 ``ckptstore``      ``CheckpointManager.save/restore/load``; options are ``IOOptions`` fields
 =================  ===============================================================================================
+
+W4 (2-rank save, 1-rank restore) uses :meth:`Contender.save_dict` / :meth:`Contender.restore_dict` on the
+``get_state_dict`` recipe's ``{"model": msd, "optim": osd}`` (ckptstore and DCP); W5 (async save in a training
+loop) uses :meth:`Contender.async_session` (ckptstore ``save(blocking=False)``, DCP ``async_save``).
 
 Used by ``benchmarks.worker``; run the suite with ``python -m benchmarks.run``.
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,14 @@ from .workloads import Workload
 _IOV_MAX = 1024
 
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+# torch.frombuffer over the read-only bytes s3fs returns (raw S3 load): the tensors are only read.
+warnings.filterwarnings("ignore", message=".*buffer is not writable.*")
+# DCP's single-process load (no process group, by design here) says so on every call.
+warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+
+
+def is_url(loc: str) -> bool:
+    return "://" in loc
 
 
 def tensor_view(t: torch.Tensor) -> memoryview:
@@ -92,12 +109,20 @@ class Contender:
     files_of: str | None = None
     """Reads the files another contender kind writes (when that one runs in the same round)."""
 
+    dist_ok = False
+    """Saves from several ranks and restores at another world size (W4)."""
+    async_ok = False
+    """Has an asynchronous save (W5)."""
+
     def __init__(self, label: str, options: dict[str, Any]) -> None:
         self.label = label
         self.options = options
 
     storage_options: dict[str, Any] | None = None
     """Set by the worker for URL targets (e.g. the S3 endpoint)."""
+
+    def prepare(self, wl: Workload | None, op: str, loc: str) -> None:
+        """Called before the timer and the RSS baseline (e.g. to convert tensors to the ``bytes`` botocore needs)."""
 
     def save(self, wl: Workload, loc: str) -> None:
         raise NotImplementedError
@@ -107,6 +132,32 @@ class Contender:
 
     def load(self, loc: str) -> Any:
         raise NotImplementedError
+
+    def save_dict(self, state: dict[str, Any], loc: str) -> None:
+        """W4: save a (possibly DTensor-sharded) state dict from every rank of the default process group."""
+        raise NotImplementedError
+
+    def restore_dict(self, state: dict[str, Any], loc: str) -> None:
+        """W4: fill the tensors of ``state`` in place from a checkpoint saved at another world size."""
+        raise NotImplementedError
+
+    def async_session(self, wl: Workload, loc: str) -> AsyncSession:
+        """W5: synchronous and asynchronous saves of ``wl`` to fresh steps under ``loc``, sharing resources."""
+        raise NotImplementedError
+
+
+class AsyncSession:
+    """W5: ``sync_save(step)`` returns when durable; ``async_save(step)`` returns a handle with ``done()`` and
+    ``wait()`` once the state may be modified again; ``close()`` releases staging memory and threads."""
+
+    def sync_save(self, step: int) -> None:
+        raise NotImplementedError
+
+    def async_save(self, step: int) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 _WB_BYTES = 32 << 20
@@ -121,17 +172,55 @@ def _sync_file_range(fd: int, offset: int, nbytes: int) -> None:
 
 
 class Raw(Contender):
-    """``raw:writeback=true`` also starts write-back every 32 MiB (``sync_file_range``), still one stream."""
+    """``raw:writeback=true`` also starts write-back every 32 MiB (``sync_file_range``), still one stream.
+
+    On S3 (``s3://`` locations): one object per tensor plus ``layout.json``, uploaded with one parallel s3fs
+    ``fs.pipe`` and read with one parallel ``fs.cat`` (what ``benchmarks/bench_s3.py`` calls raw put/get).
+    """
 
     kind = "raw"
+    fs_only = False
 
     def __init__(self, label: str, options: dict[str, Any]) -> None:
         super().__init__(label, options)
         self.writeback = bool(options.get("writeback", False))
         if self.writeback:
             self.ops = ("save",)
+        self._blobs: dict[str, bytes] | None = None
+
+    # -- S3: the simple parallel approach -------------------------------------------------------------------
+    @staticmethod
+    def _layout(wl: Workload) -> list[list[Any]]:
+        return [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in wl.flat().items()]
+
+    @staticmethod
+    def _object_urls(loc: str, n: int) -> list[str]:
+        return [f"{loc}/t{i:06d}" for i in range(n)]
+
+    def prepare(self, wl: Workload | None, op: str, loc: str) -> None:
+        if is_url(loc) and op == "save" and wl is not None:
+            # botocore only takes bytes/bytearray/file objects; the copy is made before the timer so that raw
+            # measures the transfer alone (as bench_s3.py does), which only makes ckptstore's ratio harder.
+            flat = list(wl.flat().values())
+            self._blobs = {u: tensor_view(v).tobytes() for u, v in zip(self._object_urls(loc, len(flat)), flat)}
+            self._blobs[f"{loc}/layout.json"] = json.dumps(self._layout(wl)).encode()
+
+    def _s3_save(self, wl: Workload, loc: str) -> None:
+        from .s3util import raw_put
+
+        assert self._blobs is not None, "prepare() was not called"
+        raw_put(self.storage_options, self._blobs)
+
+    def _s3_fetch(self, loc: str, n: int) -> list[bytes]:
+        from .s3util import raw_get
+
+        urls = self._object_urls(loc, n)
+        got = raw_get(self.storage_options, urls)
+        return [got[u] for u in urls]
 
     def save(self, wl: Workload, loc: str) -> None:
+        if is_url(loc):
+            return self._s3_save(wl, loc)
         d = Path(loc)
         d.mkdir(parents=True, exist_ok=True)
         flat = wl.flat()
@@ -188,10 +277,25 @@ class Raw(Contender):
             os.close(fd)
 
     def restore(self, wl: Workload, loc: str) -> None:
+        if is_url(loc):
+            dst = list(wl.flat().values())
+            for t, b in zip(dst, self._s3_fetch(loc, len(dst))):
+                tensor_view(t)[:] = b  # s3fs has no read-into: copy each object into its tensor
+            return
         d = Path(loc)
         self._read_into(d / "data.bin", [tensor_view(v) for v in wl.flat().values()])
 
     def load(self, loc: str) -> Any:
+        if is_url(loc):
+            from .s3util import fs_for
+
+            layout = json.loads(fs_for(self.storage_options).cat_file(f"{loc}/layout.json"))
+            blobs = self._s3_fetch(loc, len(layout))
+            out: dict[str, torch.Tensor] = {}
+            for (k, dt, shape), b in zip(layout, blobs):
+                dtype = getattr(torch, dt)
+                out[k] = torch.frombuffer(b, dtype=dtype).reshape(shape) if b else torch.empty(shape, dtype=dtype)
+            return out
         d = Path(loc)
         layout = json.loads((d / "layout.json").read_text())
         out = {k: torch.empty(shape, dtype=getattr(torch, dt)) for k, dt, shape in layout}
@@ -267,7 +371,13 @@ class Safetensors(Contender):
 
 
 class DCP(Contender):
+    """``torch.distributed.checkpoint``; ``FileSystemWriter``/``Reader`` on disk, ``FsspecWriter``/``Reader`` on
+    URL targets (S3), ``thread_count=threads`` for writing."""
+
     kind = "dcp"
+    fs_only = False
+    dist_ok = True
+    async_ok = True
 
     def __init__(self, label: str, options: dict[str, Any]) -> None:
         super().__init__(label, options)
@@ -275,28 +385,119 @@ class DCP(Contender):
         if self.threads != 1:
             self.ops = ("save",)
 
-    def save(self, wl: Workload, loc: str) -> None:
-        d = Path(loc)
-        import torch.distributed.checkpoint as dcp
+    def _writer(self, loc: str) -> Any:
+        if is_url(loc):
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+            return FsspecWriter(loc, thread_count=self.threads, sync_files=True, **(self.storage_options or {}))
         from torch.distributed.checkpoint import FileSystemWriter
 
-        writer = FileSystemWriter(str(d), thread_count=self.threads, sync_files=True)
-        dcp.save({"app": wl.dcp_app()}, storage_writer=writer, no_dist=True)
-        fsync_tree(d)
+        return FileSystemWriter(loc, thread_count=self.threads, sync_files=True)
 
-    def restore(self, wl: Workload, loc: str) -> None:
-        d = Path(loc)
-        import torch.distributed.checkpoint as dcp
+    def _reader(self, loc: str) -> Any:
+        if is_url(loc):
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+            return FsspecReader(loc, **(self.storage_options or {}))
         from torch.distributed.checkpoint import FileSystemReader
 
-        dcp.load({"app": wl.dcp_app()}, storage_reader=FileSystemReader(str(d)), no_dist=True)
+        return FileSystemReader(loc)
+
+    @staticmethod
+    def _fsync(loc: str) -> None:
+        # FileSystemWriter fsyncs its files (sync_files=True) but not the directories that name them.
+        if not is_url(loc):
+            fsync_tree(Path(loc))
+
+    def save(self, wl: Workload, loc: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"app": wl.dcp_app()}, storage_writer=self._writer(loc), no_dist=True)
+        self._fsync(loc)
+
+    def restore(self, wl: Workload, loc: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load({"app": wl.dcp_app()}, storage_reader=self._reader(loc), no_dist=True)
 
     def load(self, loc: str) -> Any:
-        d = Path(loc)
         # No public "load without a template" API in DCP; this private helper builds the template from metadata.
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-        return _load_state_dict_from_keys(checkpoint_id=str(d))
+        if is_url(loc):
+            return _load_state_dict_from_keys(storage_reader=self._reader(loc))
+        return _load_state_dict_from_keys(checkpoint_id=loc)
+
+    def save_dict(self, state: dict[str, Any], loc: str) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(state, storage_writer=self._writer(loc), no_dist=not dist.is_initialized())
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self._fsync(loc)
+
+    def restore_dict(self, state: dict[str, Any], loc: str) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(state, storage_reader=self._reader(loc), no_dist=not dist.is_initialized())
+
+    def async_session(self, wl: Workload, loc: str) -> AsyncSession:
+        return _DCPAsync(self, wl, loc)
+
+
+class _DCPAsync(AsyncSession):
+    """``dcp.async_save`` with one user-owned ``DefaultStager`` reused across saves.
+
+    The stager keeps its CPU staging copies between saves (the fair counterpart of ckptstore's reused staging
+    buffers). Pinned/shared memory, background staging and non-blocking copies need an accelerator, so all four
+    ``StagingOptions`` are off on CPU; ``FileSystemWriter(cache_staged_state_dict=True)`` (the other reuse
+    switch) pins memory and fails without one.
+    """
+
+    def __init__(self, c: DCP, wl: Workload, loc: str) -> None:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        self.c, self.wl, self.loc = c, wl, loc
+        self.stager = DefaultStager(StagingOptions(False, False, False, False))
+
+    def _state(self) -> dict[str, Any]:
+        return {"app": self.wl.dcp_app()}
+
+    def sync_save(self, step: int) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        path = f"{self.loc}/step-{step}"
+        dcp.save(self._state(), storage_writer=self.c._writer(path), no_dist=True)
+        self.c._fsync(path)
+
+    def async_save(self, step: int) -> Any:
+        import torch.distributed.checkpoint as dcp
+
+        path = f"{self.loc}/step-{step}"
+        fut = dcp.async_save(self._state(), storage_writer=self.c._writer(path), async_stager=self.stager, no_dist=True)
+        return _FutureHandle(fut, lambda: self.c._fsync(path))
+
+    def close(self) -> None:
+        self.stager.close()
+
+
+class _FutureHandle:
+    """``done()``/``wait()`` over a ``concurrent.futures.Future`` (or DCP's ``AsyncSaveResponse``)."""
+
+    def __init__(self, fut: Any, after: Callable[[], None] | None = None) -> None:
+        # torch may return an AsyncSaveResponse holding the upload future; plain Future otherwise.
+        self.fut = getattr(fut, "upload_completion", fut)
+        self.after = after
+
+    def done(self) -> bool:
+        return bool(self.fut.done())
+
+    def wait(self) -> Any:
+        res = self.fut.result()
+        if self.after is not None:
+            self.after()
+        return res
 
 
 def _swap_hot_paths(impl: str) -> None:
@@ -354,6 +555,8 @@ class Ckptstore(Contender):
 
     kind = "ckptstore"
     fs_only = False
+    dist_ok = True
+    async_ok = True
 
     def __init__(self, label: str, options: dict[str, Any]) -> None:
         super().__init__(label, options)
@@ -406,6 +609,33 @@ class Ckptstore(Contender):
     def load(self, loc: str) -> Any:
         with self._gc_off(), self._mgr(loc) as mgr:
             return mgr.load(step=1)
+
+    def save_dict(self, state: dict[str, Any], loc: str) -> None:
+        with self._gc_off(), self._mgr(loc) as mgr:  # the default process group: every rank writes its part
+            mgr.save(1, state)
+
+    def restore_dict(self, state: dict[str, Any], loc: str) -> None:
+        with self._gc_off(), self._mgr(loc) as mgr:
+            mgr.restore(state, step=1)
+
+    def async_session(self, wl: Workload, loc: str) -> AsyncSession:
+        return _CkptAsync(self._mgr(loc), wl)
+
+
+class _CkptAsync(AsyncSession):
+    """One manager for the whole loop, as in training: its staging buffers are reused from save to save."""
+
+    def __init__(self, mgr: Any, wl: Workload) -> None:
+        self.mgr, self.wl = mgr, wl
+
+    def sync_save(self, step: int) -> None:
+        self.mgr.save(step, self.wl.ckpt_state())
+
+    def async_save(self, step: int) -> Any:
+        return self.mgr.save(step, self.wl.ckpt_state(), blocking=False)  # PendingSave: done() / wait()
+
+    def close(self) -> None:
+        self.mgr.close()
 
 
 KINDS: dict[str, type[Contender]] = {c.kind: c for c in (Raw, TorchSave, TorchMmap, Safetensors, DCP, Ckptstore)}

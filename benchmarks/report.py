@@ -20,7 +20,19 @@ from typing import Any
 from .targets import REPO, Target
 
 MiB = 1 << 20
-OPS_ORDER = ("save", "restore", "load", "restore (cold)", "load (cold)")
+OPS_ORDER = (
+    "save",
+    "restore",
+    "load",
+    "restore (cold)",
+    "load (cold)",
+    "save (2 ranks)",
+    "restore (1 rank)",
+    "save (sync)",
+    "async: blocking",
+    "async: until committed",
+)
+W5_OPS = ("save (sync)", "async: blocking", "async: until committed")
 
 
 # -- machine ----------------------------------------------------------------------------------------------------
@@ -125,6 +137,14 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         nbytes = rs[0]["nbytes"]
         rss = [x["rss_over"] for x in rs]
         files = [x["files"] for x in rs if "files" in x]
+
+        def field(key: str, rs: list[dict[str, Any]] = rs) -> dict[str, float] | None:
+            return _stats([x[key] for x in rs if x.get(key) is not None])
+
+        by_op: dict[str, list[int]] = {}
+        for x in rs:
+            for k, v in (x.get("requests_by_op") or {}).items():
+                by_op.setdefault(k, []).append(v)
         rows.append(
             {
                 "target": tgt,
@@ -142,6 +162,15 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "rss_over_frac": _stats([x / nbytes for x in rss]),
                 "files": statistics.median(files) if files else None,
                 "disk_bytes": statistics.median([x["disk_bytes"] for x in rs if "disk_bytes" in x]) if files else None,
+                "requests": field("requests"),
+                "requests_by_op": {k: statistics.median(v) for k, v in sorted(by_op.items())} or None,
+                "server_cpu_s": field("server_cpu_s"),
+                # W5 (on the "async: blocking" rows)
+                "block_over_sync": field("block_over_sync"),
+                "step_rate_dip": field("step_rate_dip"),
+                "first_block_s": field("first_block_s"),
+                "rate_alone": field("rate_alone"),
+                "per_round_gbps": per_round,
             }
         )
     rows.sort(
@@ -155,7 +184,44 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-# -- targets of the issue "Core" -------------------------------------------------------------------------------
+# -- targets of the issues ------------------------------------------------------------------------------------
+# (workload, op, other, need, requirement). other: a contender label, "dcp*" = the faster DCP variant of each
+# round (thread counts), None = the peak-RSS check.
+LOCAL_TARGETS: tuple[tuple[str, str, str | None, float, str], ...] = (
+    ("W1", "save", "raw", 1.0, "save >= 1.0x raw single-stream write+fsync"),
+    ("W1", "save", "torch", 1.5, "save >= 1.5x torch.save + fsync"),
+    ("W1", "restore", "torch", 4.0, "restore into existing >= 4x torch.load + load_state_dict"),
+    ("W1", "save", None, 0.0, ""),
+    ("W1", "restore", None, 0.0, ""),
+    ("W2", "save", "torch", 1.0, "10k small tensors: save >= torch.save"),
+    ("W2", "load", "torch", 1.0, "10k small tensors: load >= torch.load"),
+    ("W2", "save", "dcp*", 3.0, "10k small tensors: save >= 3x DCP (its faster thread count, per round)"),
+    ("W2", "load", "dcp*", 3.0, "10k small tensors: load >= 3x DCP"),
+)
+S3_TARGETS: tuple[tuple[str, str, str | None, float, str], ...] = (
+    ("W1", "save", "raw", 0.9, "S3 save >= 0.9x raw parallel s3fs put (one fs.pipe of all tensors)"),
+    ("W1", "restore", "raw", 0.9, "S3 restore >= 0.9x raw parallel s3fs get (one fs.cat) + copy into the tensors"),
+    ("W1", "save", "dcp*", 2.0, "S3 save >= 2x DCP FsspecWriter (its faster thread count, per round)"),
+    ("W1", "restore", "dcp*", 2.0, "S3 restore >= 2x DCP FsspecReader"),
+    ("W1", "save", None, 0.0, ""),
+    ("W1", "restore", None, 0.0, ""),
+    ("W2", "save", "dcp*", 3.0, "10k small tensors: save >= 3x DCP FsspecWriter (its faster thread count)"),
+    ("W2", "load", "dcp*", 3.0, "10k small tensors: load >= 3x DCP FsspecReader"),
+)
+ASYNC_NEED = 0.10  # W5: the blocking part of an async save <= 10% of a synchronous save
+
+
+def _vs_best(ref_row: dict[str, Any], others: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+    """Per-round ratio of ``ref_row`` over the fastest of ``others`` in that round."""
+    mine = ref_row.get("per_round_gbps") or {}
+    ratios = []
+    for rnd, g in mine.items():
+        best = max((o["per_round_gbps"][rnd] for o in others if rnd in (o.get("per_round_gbps") or {})), default=None)
+        if best:
+            ratios.append(g / best)
+    return _stats(ratios)
+
+
 def check_targets(rows: Sequence[dict[str, Any]], workloads: dict[str, Any]) -> list[dict[str, Any]]:
     ref = reference_contender([{"contender": r["contender"]} for r in rows])
     out: list[dict[str, Any]] = []
@@ -163,18 +229,22 @@ def check_targets(rows: Sequence[dict[str, Any]], workloads: dict[str, Any]) -> 
         return out
     idx = {(r["target"], r["workload"], r["contender"], r["op"]): r for r in rows}
     for tgt in sorted({r["target"] for r in rows}):
-        for wl, op, other, need, what in (
-            ("W1", "save", "raw", 1.0, "save >= 1.0x raw single-stream write+fsync"),
-            ("W1", "save", "torch", 1.5, "save >= 1.5x torch.save + fsync"),
-            ("W1", "restore", "torch", 4.0, "restore into existing >= 4x torch.load + load_state_dict"),
-            ("W1", "save", None, 0.0, ""),
-            ("W1", "restore", None, 0.0, ""),
-            ("W2", "save", "torch", 1.0, "10k small tensors: save >= torch.save"),
-            ("W2", "load", "torch", 1.0, "10k small tensors: load >= torch.load"),
-        ):
+        for wl, op, other, need, what in S3_TARGETS if tgt == "s3" else LOCAL_TARGETS:
             if other is not None:
-                o = idx.get((tgt, wl, other, op))
-                s = o["ref_over_this"] if o is not None else None
+                mine = idx.get((tgt, wl, ref, op))
+                if other == "dcp*":
+                    dcps = [
+                        r
+                        for r in rows
+                        if (r["target"], r["workload"], r["op"]) == (tgt, wl, op)
+                        and r["contender"].split(":")[0] == "dcp"
+                    ]
+                    s = _vs_best(mine, dcps) if mine is not None and dcps else None
+                    if s is not None and len(dcps) > 1:
+                        what += f" [{', '.join(r['contender'] for r in dcps)}]"
+                else:
+                    o = idx.get((tgt, wl, other, op))
+                    s = o["ref_over_this"] if o is not None else None
                 if s is None:
                     continue
                 value, need_v, met = s["median"], need, s["median"] >= need
@@ -199,12 +269,34 @@ def check_targets(rows: Sequence[dict[str, Any]], workloads: dict[str, Any]) -> 
                     "met": met,
                 }
             )
+        r = idx.get((tgt, "W5", ref, "async: blocking"))
+        if r is not None and r["block_over_sync"] is not None:
+            b = r["block_over_sync"]
+            sync = idx.get((tgt, "W5", ref, "save (sync)"))
+            secs = (
+                f"; {r['seconds']['median']:.3f} s vs {sync['seconds']['median']:.3f} s"
+                if sync is not None and sync["seconds"]
+                else ""
+            )
+            out.append(
+                {
+                    "target": tgt,
+                    "workload": "W5",
+                    "requirement": f"async save: blocking part <= {ASYNC_NEED:.0%} of a synchronous save",
+                    "measured": f"{b['median']:.1%} [{b['min']:.1%}-{b['max']:.1%}]{secs}",
+                    "value": b["median"],
+                    "need": ASYNC_NEED,
+                    "met": b["median"] <= ASYNC_NEED,
+                }
+            )
     for t in out:
         w = workloads.get(t["workload"], {})
         if t["workload"] == "W1" and w.get("nbytes") not in (None, 1 << 30):
             t["requirement"] += f" (run at {w['nbytes'] / MiB:.0f} MiB, target is 1 GiB)"
         if t["workload"] == "W2" and w.get("n_small") not in (None, 10_000):
             t["requirement"] += f" (run at {w['n_small']} tensors, target is 10,000)"
+        if t["workload"] == "W5" and w.get("nbytes") not in (None, 1 << 30):
+            t["requirement"] += f" (run at {w['nbytes'] / MiB:.0f} MiB)"
     return out
 
 
@@ -253,16 +345,36 @@ def render_markdown(
         "plus a 2 ms psutil sampler) minus the RSS right before the operation. `load` returns fresh tensors, so "
         "~100% of the checkpoint is expected there."
     )
+    present = {(r["target"], r["workload"]) for r in rows}
+    if any(t != "s3" for t, _ in present):
+        L.append(
+            "- Reads are **warm**: right before each read the runner reads the contender's files once, so they are "
+            "in the page cache (just-written pages can otherwise be dropped by the VM's memory reclaim). The "
+            "machine's caches are never dropped (other people use it); `(cold)` rows, when present, evicted only "
+            "this benchmark's files first (`posix_fadvise(DONTNEED)`)."
+        )
     L.append(
-        "- Reads are **warm**: right before each read the runner reads the contender's files once, so they are in "
-        "the page cache (just-written pages can otherwise be dropped by the VM's memory reclaim). The machine's "
-        "caches are never dropped (other people use it); `(cold)` rows, when present, evicted only this "
-        "benchmark's files first (`posix_fadvise(DONTNEED)`). `load` includes reading every byte of the result "
-        "once (crc32c), for every contender, so lazy/mmap loaders pay for their page faults."
+        "- `load` includes reading every byte of the result once (crc32c), for every contender, so lazy/mmap "
+        "loaders pay for their page faults."
     )
+    if any(t == "s3" for t, _ in present):
+        L.append(
+            "- `s3`: a moto server in its own process on 127.0.0.1 (its CPU shares the 2 cores with the client, so "
+            "absolute numbers are moto's; ratios compare clients on the same server). `raw` = one object per "
+            "tensor, all in one parallel s3fs `fs.pipe` (bytes prepared before the timer) / `fs.cat` (restore "
+            "copies into the tensors); `dcp` = DCP's `FsspecWriter`/`FsspecReader`. `requests` = HTTP requests "
+            "the client sent during the operation (every attempt)."
+        )
+    if any(w.startswith("W4") for _, w in present):
+        L.append(
+            "- W4: `save (2 ranks)` = 2 processes (gloo, CPU) each saving its part of the `get_state_dict` state "
+            "(DDP: replicas; FSDP2: DTensor shards) from a barrier, time of the slower rank, RSS of the larger; "
+            "`restore (1 rank)` = one process without a process group restoring into a plain model + AdamW "
+            "(`get_state_dict` -> restore in place -> `set_state_dict`)."
+        )
     L.append("")
     if targets:
-        L += ['## Targets (issue "Core", performance)', ""]
+        L += ['## Targets (issues "Core", "S3 backend", #8 benchmark harness)', ""]
         L.append("| target | workload | requirement | measured | met |")
         L.append("|---|---|---|---|---|")
         for t in targets:
@@ -275,31 +387,99 @@ def render_markdown(
     for tgt in dict.fromkeys(r["target"] for r in rows):
         for wl in dict.fromkeys(r["workload"] for r in rows if r["target"] == tgt):
             w = wls.get(wl, {})
+            sub = [r for r in rows if r["target"] == tgt and r["workload"] == wl]
             L.append(f"## {tgt}: {w.get('describe', wl)} ({w.get('nbytes', 0) / MiB:.0f} MiB)")
             L.append("")
-            L.append(
-                f"| contender | op | GB/s | min-max | seconds | vs raw | {ref} x | RSS over base MiB (max) "
-                "| RSS / ckpt | files |"
-            )
-            L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-            for r in rows:
-                if r["target"] != tgt or r["workload"] != wl:
-                    continue
-                g, gr = _fmt_stats(r["gbps"])
-                s, _ = _fmt_stats(r["seconds"], "{:.3f}")
-                rm = r["rss_over_mib"]
-                rss = f"{rm['median']:.0f} ({rm['max']:.0f})" if rm else ""
-                frac = f"{r['rss_over_frac']['median'] * 100:.0f}%" if r["rss_over_frac"] else ""
-                files = "" if r["files"] is None else f"{r['files']:.0f}"
-                L.append(
-                    f"| {r['contender']} | {r['op']} | **{g}** | {gr} | {s} | {_ratio(r['vs_raw'])} | "
-                    f"{_ratio(r['ref_over_this'])} | {rss} | {frac} | {files} |"
-                )
+            L += _async_table(sub, ref) if wl == "W5" else _op_table(sub, ref, s3=tgt == "s3")
             L.append("")
     probs = meta.get("problems") or []
     if probs:
         L += ["## Problems", ""] + [f"- {p}" for p in probs] + [""]
     return "\n".join(L)
+
+
+def _op_table(sub: list[dict[str, Any]], ref: str, *, s3: bool) -> list[str]:
+    """One row per contender and operation; on S3 also HTTP requests and moto's CPU seconds."""
+    reqs = any(r["requests"] for r in sub)
+    head = f"| contender | op | GB/s | min-max | seconds | vs raw | {ref} x | RSS over base MiB (max) | RSS / ckpt "
+    head += "| objects |" if s3 else "| files |"
+    align = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if reqs:
+        head += " requests | moto CPU s |"
+        align += "---:|---:|"
+    L = [head, align]
+    for r in sub:
+        g, gr = _fmt_stats(r["gbps"])
+        s, _ = _fmt_stats(r["seconds"], "{:.3f}")
+        rm = r["rss_over_mib"]
+        rss = f"{rm['median']:.0f} ({rm['max']:.0f})" if rm else ""
+        frac = f"{r['rss_over_frac']['median'] * 100:.0f}%" if r["rss_over_frac"] else ""
+        files = "" if r["files"] is None else f"{r['files']:.0f}"
+        line = (
+            f"| {r['contender']} | {r['op']} | **{g}** | {gr} | {s} | {_ratio(r['vs_raw'])} | "
+            f"{_ratio(r['ref_over_this'])} | {rss} | {frac} | {files} |"
+        )
+        if reqs:
+            rq = f"{r['requests']['median']:.0f}" if r["requests"] else ""
+            cpu = f"{r['server_cpu_s']['median']:.2f}" if r["server_cpu_s"] else ""
+            line += f" {rq} | {cpu} |"
+        L.append(line)
+    if reqs:
+        L += [
+            "",
+            "`requests`: HTTP requests the client sent during the operation (botocore `before-send` events, every "
+            "attempt), median over rounds; `moto CPU s`: CPU time of the moto server process during the whole "
+            "measuring job. By S3 operation:",
+            "",
+            "| contender | op | requests by S3 operation |",
+            "|---|---|---|",
+        ]
+        for r in sub:
+            if r["requests_by_op"]:
+                by = ", ".join(f"{k} {v:.0f}" for k, v in r["requests_by_op"].items())
+                L.append(f"| {r['contender']} | {r['op']} | {by} |")
+    return L
+
+
+def _async_table(sub: list[dict[str, Any]], ref: str) -> list[str]:
+    """W5: synchronous save vs the blocking part and the duration of an async save, and the step-rate dip."""
+    L = [
+        "| contender | sync save s | async: blocking s (min-max) | blocking / sync | first async save: blocking s "
+        "| async: until committed s | step rate alone /s | step-rate dip while writing | RSS over base MiB (max) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    by_c: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in sub:
+        by_c.setdefault(r["contender"], {})[r["op"]] = r
+    for c, ops in by_c.items():
+        sync, blk, tot = (ops.get(o) for o in W5_OPS)
+
+        def sec(r: dict[str, Any] | None, rng: bool = False) -> str:
+            if r is None or not r["seconds"]:
+                return ""
+            m, mm = _fmt_stats(r["seconds"], "{:.3f}")
+            return f"{m} ({mm})" if rng else m
+
+        def pct(st: dict[str, float] | None) -> str:
+            return f"{st['median']:.1%} ({st['min']:.1%}-{st['max']:.1%})" if st else ""
+
+        b = blk or {}
+        rm = b.get("rss_over_mib")
+        rss = f"{rm['median']:.0f} ({rm['max']:.0f})" if rm else ""
+        L.append(
+            f"| {c} | {sec(sync)} | {sec(blk, True)} | {pct(b.get('block_over_sync'))} | "
+            f"{_fmt_stats(b.get('first_block_s'), '{:.3f}')[0]} | {sec(tot)} | "
+            f"{_fmt_stats(b.get('rate_alone'), '{:.0f}')[0]} | {pct(b.get('step_rate_dip'))} | "
+            f"{rss} |"
+        )
+    L += [
+        "",
+        "One job per contender and round: a warm-up async save (its blocking part = the first save's, staging "
+        "memory allocated then), then a synchronous and an async save (order alternating), one training thread "
+        "(a 512x512 matmul chain) running between and during them. Blocking / sync and the dip are per-round "
+        "ratios (median, min-max); the dip is 1 - step rate while the background write runs / rate alone.",
+    ]
+    return L
 
 
 def render_plot(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], machine: dict[str, Any]) -> None:
@@ -311,7 +491,7 @@ def render_plot(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], ma
     panels = list(dict.fromkeys((r["target"], r["workload"]) for r in rows))
     if not panels:
         return
-    cols = min(2, len(panels))
+    cols = min(3, len(panels))
     nrows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(8 * cols, 4.2 * nrows), squeeze=False)
     wls = meta.get("workloads", {})
@@ -320,13 +500,15 @@ def render_plot(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], ma
         contenders = list(dict.fromkeys(r["contender"] for r in sub))
         ops = [o for o in OPS_ORDER if any(r["op"] == o for r in sub)]
         width = 0.8 / max(1, len(ops))
+        # W5 is about time (how long training stalls), not throughput.
+        metric = "seconds" if wl == "W5" else "gbps"
         for j, op in enumerate(ops):
             xs, ys, lo, hi = [], [], [], []
             for i, c in enumerate(contenders):
                 r = next((x for x in sub if x["contender"] == c and x["op"] == op), None)
-                if r is None or not r["gbps"]:
+                if r is None or not r[metric]:
                     continue
-                g = r["gbps"]
+                g = r[metric]
                 xs.append(i + (j - (len(ops) - 1) / 2) * width)
                 ys.append(g["median"])
                 lo.append(g["median"] - g["min"])
@@ -334,7 +516,7 @@ def render_plot(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], ma
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=op)
         ax.set_xticks(range(len(contenders)))
         ax.set_xticklabels(contenders, rotation=25, ha="right", fontsize=8)
-        ax.set_ylabel("GB/s (median, min-max)")
+        ax.set_ylabel("seconds (median, min-max)" if metric == "seconds" else "GB/s (median, min-max)")
         w = wls.get(wl, {})
         ax.set_title(f"{tgt}: {w.get('describe', wl)}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)

@@ -2,11 +2,13 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python -m benchmarks.run                       # W1-W3, local + shm, 5 rounds (~30+ min)
-    .venv/bin/python -m benchmarks.run --quick               # small sizes, 3 rounds (~1-2 min) -> quick.*
+    .venv/bin/python -m benchmarks.run                       # W1-W5 on local, shm and s3 (moto), 5 rounds
+    .venv/bin/python -m benchmarks.run --quick               # small sizes, 3 rounds -> quick.*
     .venv/bin/python -m benchmarks.run --workloads W1,W2 --target local --repeats 7
     .venv/bin/python -m benchmarks.run --workloads W1 --contenders raw,torch,ckptstore,ckptstore:threads=2
     .venv/bin/python -m benchmarks.run --workloads W1 --read-cache both   # also cold reads (see below)
+    .venv/bin/python -m benchmarks.run --workloads W1,W2 --target s3 --size-mib 512    # moto S3 only
+    .venv/bin/python -m benchmarks.run --workloads W4,W5 --target local --w4-mib 128 --w5-mib 512
 
 Method:
 
@@ -23,7 +25,12 @@ Method:
 * reads are "warm" by default: the files were just written, so their pages are in the page cache. Dropping the
   machine's caches would disturb other users, so ``--read-cache cold`` instead evicts only this benchmark's
   files (``posix_fadvise(DONTNEED)`` after the fsync; not possible on tmpfs);
-* every restore/load is checked against the saved state (crc32c fingerprint of all tensors).
+* every restore/load is checked against the saved state (crc32c fingerprint of all tensors);
+* on S3 (a moto server in its own process on 127.0.0.1) the HTTP requests of every operation are counted
+  (botocore ``before-send`` events, in the measuring process) and the moto process's CPU seconds recorded;
+* W4 (2-rank DDP/FSDP2 save, 1-rank restore; ``w4_dist.py``) follows the same rounds with the contenders that
+  save from several ranks (ckptstore, dcp); W5 (async save in a training loop; ``w5_async.py``) runs one job per
+  contender and round, each doing a synchronous and an asynchronous save.
 """
 
 from __future__ import annotations
@@ -40,21 +47,36 @@ from typing import Any
 from . import report
 from .contenders import DEFAULT_CONTENDERS, Contender, make_contender
 from .targets import Target, make_target
-from .workloads import WorkloadSpec, human_bytes, tensor_count, tensor_nbytes
+from .workloads import W4_NAMES, WorkloadSpec, human_bytes, tensor_count, tensor_nbytes
+
+WORKLOADS = ("W1", "W2", "W3", *W4_NAMES, "W5")
+W4_OPS = {"save": "save (2 ranks)", "restore": "restore (1 rank)"}
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes and 3 rounds (~1-2 minutes)")
-    ap.add_argument("--workloads", default="W1,W2,W3", help="comma list of W1 (large), W2 (small), W3 (GPT-2+AdamW)")
-    ap.add_argument("--target", default="local,shm", help="comma list of local, shm (s3: hook only)")
+    ap.add_argument("--quick", action="store_true", help="small sizes and 3 rounds (~10 minutes with all targets)")
+    ap.add_argument(
+        "--workloads",
+        default="W1,W2,W3,W4,W5",
+        help="comma list of W1 (large), W2 (small), W3 (GPT-2+AdamW), W4 (= W4-DDP,W4-FSDP2: 2-rank save, 1-rank "
+        "restore), W5 (async save in a training loop)",
+    )
+    ap.add_argument("--target", default="local,shm,s3", help="comma list of local, shm, s3 (moto on 127.0.0.1)")
     ap.add_argument("--size-mib", type=int, default=None, help="W1 size in MiB (default 1024, quick 128)")
-    ap.add_argument("--tensor-mib", type=int, default=16, help="W1 tensor size in MiB (default 16)")
+    ap.add_argument("--tensor-mib", type=int, default=16, help="tensor size in MiB of W1, W4 and W5 (default 16)")
     ap.add_argument("--small-count", type=int, default=None, help="W2 tensor count (default 10000, quick 1000)")
     ap.add_argument("--small-kib", type=int, default=16, help="W2 tensor size in KiB (default 16)")
     ap.add_argument("--gpt", default=None, choices=["small", "tiny"], help="W3 model (default small, quick tiny)")
+    ap.add_argument(
+        "--w4-mib", type=int, default=None, help="W4 parameter MiB; + AdamW state = 3x (default 256, quick 32)"
+    )
+    ap.add_argument("--w5-mib", type=int, default=None, help="W5 state MiB (default 1024, quick 128)")
+    ap.add_argument(
+        "--w5-rate-seconds", type=float, default=1.0, help="W5: seconds to measure the step rate alone, before+after"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="rounds per workload and target (default 5, quick 3)")
     ap.add_argument("--warmup", type=int, default=1, help="unrecorded raw save+load warm-ups per workload (1)")
     ap.add_argument(
@@ -78,6 +100,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.size_mib = args.size_mib or (128 if args.quick else 1024)
     args.small_count = args.small_count or (1000 if args.quick else 10_000)
     args.gpt = args.gpt or ("tiny" if args.quick else "small")
+    args.w4_mib = args.w4_mib or (32 if args.quick else 256)
+    args.w5_mib = args.w5_mib or (128 if args.quick else 1024)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.name = args.name or ("quick" if args.quick else "latest")
     return args
@@ -155,16 +179,27 @@ class Runner:
 
     def run_workload(self, target: Target, spec: WorkloadSpec, contenders: list[Contender]) -> None:
         a = self.args
-        usable = [c for c in contenders if target.is_fs or not c.fs_only]
+        if spec.name in W4_NAMES:
+            usable = [c for c in contenders if c.dist_ok]
+        elif spec.name == "W5":
+            usable = [c for c in contenders if c.async_ok]
+        else:
+            usable = [c for c in contenders if target.is_fs or not c.fs_only]
         nbytes = tensor_nbytes(spec)
         print(f"\n== {target.name} | {spec.describe()} | {human_bytes(nbytes)} | {a.repeats} rounds", flush=True)
-        raw = make_contender("raw")
-        for i in range(a.warmup if target.is_fs else 0):
+        if not usable:
+            print("   (no contender for this workload)", flush=True)
+            return
+        if spec.name == "W5":
+            self.run_async(target, spec, usable)
+            return
+        # Unrecorded warm-up (page cache, allocator; on S3 moto's lazily loaded code paths). W4 needs none: its
+        # ranks are fresh processes in every measurement anyway.
+        for i in range(a.warmup if spec.name not in W4_NAMES else 0):
             loc = target.location(f"{spec.name}-warmup-{i}")
             for op in ("save", "load"):
-                self.job({"workload": spec.to_dict(), "contender": "raw", "op": op, "path": loc})
+                self.job(self.job_dict(target, spec, "raw", op, loc))
             target.remove(f"{spec.name}-warmup-{i}")
-        del raw
         reads = {"warm": ["warm"], "cold": ["cold"], "both": ["warm", "cold"]}[a.read_cache]
         if not target.evictable:
             reads = ["warm"]
@@ -182,6 +217,67 @@ class Runner:
             el = time.perf_counter() - t_start
             print(f"   round {r + 1}/{a.repeats} done, {el:.0f}s elapsed", flush=True)
 
+    def job_dict(self, target: Target, spec: WorkloadSpec, contender: str, op: str, loc: str) -> dict[str, Any]:
+        return {
+            "workload": spec.to_dict(),
+            "contender": contender,
+            "op": op,
+            "path": loc,
+            "storage_options": target.storage_options(),
+            # W4 ranks give up (and report) before the runner kills their job process.
+            "timeout": max(10.0, self.args.timeout - 30),
+        }
+
+    def run_async(self, target: Target, spec: WorkloadSpec, usable: list[Contender]) -> None:
+        """W5: per round, one job per contender (order rotated); each job records three operations."""
+        a = self.args
+        t_start = time.perf_counter()
+        for r in range(a.repeats):
+            k = r % len(usable)
+            for c in usable[k:] + usable[:k]:
+                name = f"{spec.name}-{c.label.replace(':', '_').replace('=', '')}-r{r}"
+                job = self.job_dict(target, spec, c.label, "async", target.location(name))
+                job.update(round=r, rate_seconds=a.w5_rate_seconds)
+                try:
+                    res = self.job(job)
+                finally:
+                    target.remove(name)
+                self.record_async(target, spec, c, r, res)
+            el = time.perf_counter() - t_start
+            print(f"   round {r + 1}/{a.repeats} done, {el:.0f}s elapsed", flush=True)
+
+    def record_async(self, target: Target, spec: WorkloadSpec, c: Contender, rnd: int, res: dict[str, Any]) -> None:
+        nbytes = tensor_nbytes(spec)
+        common = {"target": target.name, "workload": spec.name, "contender": c.label, "round": rnd, "nbytes": nbytes}
+        if "error" in res:
+            msg = f"{target.name} {spec.name} {c.label} async round {rnd}: {res['error']}"
+            self.problems.append(msg)
+            print(f"   !! {msg}", flush=True)
+            if res.get("traceback"):
+                print(res["traceback"], file=sys.stderr, flush=True)
+            self.records.append({**common, "op": "async: blocking", "error": res["error"]})
+            return
+        rss = {k: res[k] for k in ("rss_base", "rss_peak", "rss_over", "rss_method")}
+        extras = {
+            k: res.get(k)
+            for k in ("block_over_sync", "step_rate_dip", "first_block_s", "rate_alone", "rate_during", "steps_during")
+        }
+        for op, key, extra in (
+            ("save (sync)", "sync_s", {}),
+            ("async: blocking", "block_s", extras),
+            ("async: until committed", "total_s", {}),
+        ):
+            sec = res[key]
+            self.records.append({**common, "op": op, "seconds": sec, "gbps": nbytes / sec / 1e9, **rss, **extra})
+        dip = res.get("step_rate_dip")
+        print(
+            f"   r{rnd} {c.label:<24} sync {res['sync_s']:.3f}s  async blocking {res['block_s']:.3f}s "
+            f"({res['block_over_sync']:.1%} of sync; first save {res['first_block_s']:.3f}s)  "
+            f"until committed {res['total_s']:.3f}s  step-rate dip {'n/a' if dip is None else f'{dip:.1%}'}  "
+            f"rss +{res['rss_over'] / 2**20:.0f} MiB",
+            flush=True,
+        )
+
     @staticmethod
     def borrows(c: Contender, group: list[Contender]) -> Contender | None:
         """The contender whose files ``c`` reads (torch-mmap reads torch.save files), if it is in ``group``."""
@@ -195,6 +291,7 @@ class Runner:
         """All saves of ``order`` back to back, then all restores, then all loads (ratios pair up closely)."""
         locs: dict[str, str] = {}
         names: list[str] = []
+        read_ops = ("restore",) if spec.name in W4_NAMES else ("restore", "load")
         try:
             for c in order:
                 if self.borrows(c, order) is not None:
@@ -202,12 +299,12 @@ class Runner:
                 name = f"{spec.name}-{c.label.replace(':', '_').replace('=', '')}-r{rnd}"
                 names.append(name)
                 if self.measure(target, spec, c, "save", rnd, target.location(name), record="save" in c.ops):
-                    if set(c.ops) - {"save"}:
+                    if set(c.ops) & set(read_ops):
                         locs[c.label] = target.location(name)
                     else:
                         target.remove(name)
             for cache in reads:
-                for op in ("restore", "load"):
+                for op in read_ops:
                     for c in order:
                         src = self.borrows(c, order) or c
                         if op not in c.ops or src.label not in locs:
@@ -233,25 +330,23 @@ class Runner:
         record: bool = True,
         cache: str = "warm",
     ) -> bool:
-        res = self.job(
-            {
-                "workload": spec.to_dict(),
-                "contender": c.label,
-                "op": op,
-                "path": loc,
-                "storage_options": target.storage_options(),
-            }
-        )
+        cpu0 = target.server_cpu()
+        res = self.job(self.job_dict(target, spec, c.label, op, loc))
+        cpu1 = target.server_cpu()
         nbytes = tensor_nbytes(spec)
+        label = W4_OPS[op] if spec.name in W4_NAMES else op
         rec: dict[str, Any] = {
             "target": target.name,
             "workload": spec.name,
             "contender": c.label,
-            "op": op if cache == "warm" else f"{op} (cold)",
+            "op": label if cache == "warm" else f"{label} (cold)",
             "round": rnd,
             "nbytes": nbytes,
             **{k: v for k, v in res.items() if k != "traceback"},
         }
+        if cpu0 is not None and cpu1 is not None:
+            # The whole job (process start, building the state, the operation); the server is idle otherwise.
+            rec["server_cpu_s"] = cpu1 - cpu0
         key = (target.name, spec.name)
         fp = res.get("fingerprint")
         if "error" not in res and fp is not None:
@@ -261,10 +356,10 @@ class Runner:
                     rec["error"] = "save fingerprint differs between processes (non-deterministic workload?)"
             elif key in self.expected and fp["digest"] != self.expected[key]["digest"]:
                 rec["error"] = f"{op} produced different data than was saved ({fp} != {self.expected[key]})"
-        if op == "save" and "error" not in res and target.is_fs:
-            files = [os.path.join(d, f) for d, _, fs in os.walk(loc) for f in fs]
-            rec["files"] = len(files)
-            rec["disk_bytes"] = sum(os.path.getsize(f) for f in files)
+        if op == "save" and "error" not in res:
+            sizes = target.files(loc)
+            rec["files"] = len(sizes)
+            rec["disk_bytes"] = sum(sizes)
         if "error" in rec:
             msg = f"{target.name} {spec.name} {c.label} {rec['op']} round {rnd}: {rec['error']}"
             self.problems.append(msg)
@@ -274,9 +369,10 @@ class Runner:
         else:
             rec["gbps"] = nbytes / res["seconds"] / 1e9
             if record:
+                reqs = f"  {rec['requests']} requests" if "requests" in rec else ""
                 print(
-                    f"   r{rnd} {c.label:<24} {rec['op']:<15} {rec['gbps']:7.2f} GB/s {res['seconds']:7.3f}s  "
-                    f"rss +{rec['rss_over'] / 2**20:7.1f} MiB",
+                    f"   r{rnd} {c.label:<24} {rec['op']:<17} {rec['gbps']:7.2f} GB/s {res['seconds']:7.3f}s  "
+                    f"rss +{rec['rss_over'] / 2**20:7.1f} MiB{reqs}",
                     flush=True,
                 )
         if record:
@@ -287,17 +383,24 @@ class Runner:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     specs: list[WorkloadSpec] = []
-    for w in filter(None, args.workloads.upper().split(",")):
-        if w not in ("W1", "W2", "W3"):
-            raise SystemExit(f"unknown workload {w!r} (W1, W2, W3)")
+    names: list[str] = []
+    for w in filter(None, (x.strip() for x in args.workloads.upper().split(","))):
+        for n in W4_NAMES if w == "W4" else (w,):
+            if n not in WORKLOADS:
+                raise SystemExit(f"unknown workload {w!r} ({', '.join(('W1', 'W2', 'W3', 'W4', *W4_NAMES, 'W5'))})")
+            if n not in names:
+                names.append(n)
+    for n in names:
         specs.append(
             WorkloadSpec(
-                w,
+                n,
                 size_mib=args.size_mib,
                 tensor_mib=args.tensor_mib,
                 n_small=args.small_count,
                 small_kib=args.small_kib,
                 gpt=args.gpt,
+                dist_mib=args.w4_mib,
+                async_mib=args.w5_mib,
             )
         )
     contenders = [make_contender(c.strip()) for c in args.contenders.split(",") if c.strip()]
@@ -313,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: writing what was measured so far", file=sys.stderr)
     machine["load_avg_end"] = list(os.getloadavg())
+    machine["targets"] = {t.name: t.info() for t in targets}  # after setup: e.g. the S3 endpoint
     meta = {
         "command": " ".join(sys.argv[1:] if argv is None else argv),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -1,14 +1,16 @@
-"""Where the benchmark writes: ``local`` disk, ``shm`` (/dev/shm, RAM) and the ``s3`` hook.
+"""Where the benchmark writes: ``local`` disk, ``shm`` (/dev/shm, RAM) and ``s3`` (a moto server on loopback).
 
 * ``local``: a fresh directory under ``$CKPTSTORE_BENCH_DIR`` or ``<repo>/bench-data`` (git-ignored), removed
   at the end of the run;
 * ``shm``: a fresh directory under ``/dev/shm``, removed at the end;
-* ``s3``: not implemented yet. To add it, implement :class:`S3Target` (start a moto server on 127.0.0.1 in
-  ``setup``, create a bucket, return ``s3://bucket/<name>`` from ``location`` and the endpoint in
-  ``storage_options``, stop it in ``cleanup``). Filesystem-only contenders (``Contender.fs_only``) are skipped
-  on URL targets; ckptstore gets ``CheckpointManager(url, storage_options=...)``.
+* ``s3``: a moto server in its own process on 127.0.0.1 and an ephemeral port (``start_moto`` of
+  ``benchmarks/s3_storage_probe.py``), a bucket, and a fresh prefix per run: ``location(name)`` is
+  ``s3://ckptstore-bench/<run>/<name>``, ``storage_options()`` carries the endpoint and fake credentials.
+  moto keeps objects in memory/temp files and its CPU is shared with the client on this machine, so absolute
+  S3 numbers are moto's; the ratios compare clients on the same server in the same round. Filesystem-only
+  contenders (``Contender.fs_only``) are skipped on URL targets.
 
-Run the suite with ``python -m benchmarks.run --target local,shm``.
+Run the suite with ``python -m benchmarks.run --target local,shm,s3``.
 """
 
 from __future__ import annotations
@@ -72,6 +74,14 @@ class Target:
     def remove(self, name: str) -> None:
         raise NotImplementedError
 
+    def files(self, loc: str) -> list[int]:
+        """Sizes of the files (objects) under ``loc``, for the files/bytes columns."""
+        raise NotImplementedError
+
+    def server_cpu(self) -> float | None:
+        """CPU seconds used so far by the storage server process (moto), if there is one."""
+        return None
+
     def cleanup(self) -> None:
         raise NotImplementedError
 
@@ -96,6 +106,9 @@ class DirTarget(Target):
     def remove(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)
 
+    def files(self, loc: str) -> list[int]:
+        return [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(loc) for f in fs]
+
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         if self._created_base:
@@ -109,16 +122,85 @@ class DirTarget(Target):
 
 
 class S3Target(Target):
-    """Hook for ``--target s3`` (moto server); not implemented in this version."""
+    """A moto S3 server in its own process on 127.0.0.1 (ephemeral port), one bucket, a prefix per run."""
 
     name = "s3"
     is_fs = False
     evictable = False
 
+    def __init__(self) -> None:
+        from .s3util import BUCKET
+
+        self.bucket = BUCKET
+        self.prefix = f"ckptstore-bench-{os.getpid()}-{int(time.time())}"
+        self.endpoint = ""
+        self._stop: Any = None
+        self._cpu: Any = None
+        self._client: Any = None
+
     def setup(self) -> None:
-        raise NotImplementedError(
-            "--target s3 is not implemented yet: see benchmarks/targets.py (S3Target) for the hook to fill in"
-        )
+        # Imported here: the probe module imports ckptstore's S3 storage, not needed for local runs.
+        from .s3_storage_probe import start_moto
+        from .s3util import botocore_client
+
+        # Its own process: moto's CPU (the bottleneck on 2 cores) is then visible, and not under our GIL.
+        self.endpoint, self._stop, self._cpu = start_moto(inproc=False)
+        try:
+            self._client = botocore_client(self.storage_options())
+            self._client.create_bucket(Bucket=self.bucket)
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def location(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}/{name}"
+
+    def storage_options(self) -> dict[str, Any] | None:
+        from .s3util import storage_options
+
+        return storage_options(self.endpoint)
+
+    def _objects(self, key_prefix: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key_prefix):
+            out.extend(page.get("Contents", []))
+        return out
+
+    def remove(self, name: str) -> None:
+        keys = [o["Key"] for o in self._objects(f"{self.prefix}/{name}/")]
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def files(self, loc: str) -> list[int]:
+        from .s3util import split_url
+
+        _, key = split_url(loc)
+        return [int(o["Size"]) for o in self._objects(key + "/")]
+
+    def server_cpu(self) -> float | None:
+        return self._cpu() if self._cpu is not None else None
+
+    def cleanup(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._stop is not None:
+            self._stop()  # moto keeps everything in memory: stopping it frees all objects at once
+            self._stop = None
+
+    def info(self) -> dict[str, Any]:
+        try:
+            from importlib.metadata import version
+
+            moto = version("moto")
+        except Exception:
+            moto = "?"
+        return {
+            "target": self.name,
+            "path": f"{self.endpoint or 'http://127.0.0.1:<ephemeral>'} bucket {self.bucket}",
+            "fstype": f"moto {moto} server (own process)",
+        }
 
 
 def make_target(name: str) -> Target:

@@ -11,7 +11,10 @@ Inside the job:
   (``/proc/self/clear_refs`` = 5) together with a psutil sampling thread (every 2 ms) as a cross-check;
 * ``load`` includes reading every byte of the result once (crc32c) in the timed region, for every contender;
 * afterwards a fingerprint (sorted per-tensor ``(nbytes, crc32c)``) of the state is returned; the runner checks
-  that every restore/load reproduced what the save wrote.
+  that every restore/load reproduced what the save wrote;
+* on S3 every HTTP request sent during the operation is counted by S3 operation (``benchmarks/s3util.py``);
+* W4 jobs (``benchmarks/w4_dist.py``) fork 2 ranks for a save; W5 jobs (``benchmarks/w5_async.py``) run a
+  training loop with synchronous and asynchronous saves.
 
 Run the suite with ``python -m benchmarks.run``; this module has no command line of its own.
 """
@@ -25,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import crc32c
@@ -36,10 +40,10 @@ from safetensors.torch import load_file  # noqa: F401  (preloaded by the fork se
 import ckptstore  # noqa: F401  (preloaded by the fork server)
 
 from .contenders import make_contender, tensor_view
-from .workloads import Workload, WorkloadSpec
+from .workloads import W4_NAMES, Workload, WorkloadSpec
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -47,7 +51,7 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _reset_hwm() -> bool:
+def reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -113,9 +117,54 @@ def fingerprint(tensors: list[torch.Tensor]) -> dict[str, Any]:
     return {"digest": h, "tensors": len(items), "nbytes": sum(n for n, _ in items)}
 
 
+def request_counter(job: dict[str, Any]) -> Any:
+    """The process's S3 request counter when the job writes to a URL target, else None."""
+    if "://" not in job.get("path", ""):
+        return None
+    from .s3util import RequestCounter
+
+    return RequestCounter.install()
+
+
+def measured(fn: Callable[[], Any], counter: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Run ``fn`` once: wall time, peak RSS over the RSS right before it, and S3 requests if ``counter``."""
+    base = status_kib("VmRSS") * 1024
+    hwm_ok = reset_hwm()
+    if counter is not None:
+        counter.reset()
+    with RssSampler() as sampler:
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+    peak = sampler.peak
+    if hwm_ok:
+        peak = max(peak, status_kib("VmHWM") * 1024)
+    out: dict[str, Any] = {
+        "seconds": seconds,
+        "rss_base": base,
+        "rss_peak": peak,
+        "rss_over": max(0, peak - base),
+        "rss_method": "VmHWM+psutil" if hwm_ok else "psutil",
+    }
+    if counter is not None:
+        by_op = counter.snapshot()
+        out["requests"] = sum(by_op.values())
+        out["requests_by_op"] = by_op
+    return result, out
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Execute one job (see ``benchmarks.run``) and return its measurements (or ``{"error": ...}``)."""
     try:
+        name = job["workload"]["name"]
+        if name in W4_NAMES:
+            from . import w4_dist
+
+            return w4_dist.run_job(job)
+        if name == "W5":
+            from . import w5_async
+
+            return w5_async.run_job(job)
         return _run_job(job)
     except BaseException as e:  # report every failure to the runner instead of dying silently
         return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
@@ -127,47 +176,33 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
     op: str = job["op"]
     loc: str = job["path"]
     contender.storage_options = job.get("storage_options")
+    counter = request_counter(job)
     t_build = time.perf_counter()
     wl = Workload(spec, seed=0 if op == "save" else 1) if op in ("save", "restore") else None
     t_build = time.perf_counter() - t_build
+    contender.prepare(wl, op, loc)
     gc.collect()
     # The fork server froze the import-time objects (fast collect above); give them back to the collector so
     # automatic collections during the operation cost what they cost in a normal process.
     gc.unfreeze()
-    base = _status_kib("VmRSS") * 1024
-    hwm_ok = _reset_hwm()
-    result: Any = None
-    fp: dict[str, Any] | None = None
-    with RssSampler() as sampler:
-        t0 = time.perf_counter()
+
+    def operation() -> Any:
         if op == "save":
             assert wl is not None
-            contender.save(wl, loc)
-        elif op == "restore":
+            return contender.save(wl, loc)
+        if op == "restore":
             assert wl is not None
-            contender.restore(wl, loc)
-        elif op == "load":
+            return contender.restore(wl, loc)
+        if op == "load":
             result = contender.load(loc)
-            fp = fingerprint(collect_tensors(result))  # touches every byte, inside the timed region
-        else:
-            raise ValueError(f"unknown op {op!r}")
-        seconds = time.perf_counter() - t0
-    peak = sampler.peak
-    if hwm_ok:
-        peak = max(peak, _status_kib("VmHWM") * 1024)
+            return result, fingerprint(collect_tensors(result))  # touches every byte, inside the timed region
+        raise ValueError(f"unknown op {op!r}")
+
+    result, out = measured(operation, counter)
+    fp: dict[str, Any] | None = result[1] if op == "load" else None
     if wl is not None:
         fp = fingerprint(list(wl.flat().values()))
-    del result, wl
-    return {
-        "seconds": seconds,
-        "build_seconds": t_build,
-        "rss_base": base,
-        "rss_peak": peak,
-        "rss_over": max(0, peak - base),
-        "rss_method": "VmHWM+psutil" if hwm_ok else "psutil",
-        "fingerprint": fp,
-        "pid": os.getpid(),
-    }
+    return {**out, "build_seconds": t_build, "fingerprint": fp, "pid": os.getpid()}
 
 
 def child_main(job: dict[str, Any], conn: Any) -> None:

@@ -5,7 +5,12 @@
 * **W2** many small tensors: a module holding ``n_small`` fp32 parameters of ``small_kib`` KiB each
   (default 10,000 x 16 KiB = 156 MiB);
 * **W3** a GPT-2-small-like transformer (plain ``nn.Module``s, untied LM head, no downloads) plus AdamW state
-  after one optimizer step (~163 M parameters, ~1.95 GB with the optimizer state; ``--quick`` uses a tiny one).
+  after one optimizer step (~163 M parameters, ~1.95 GB with the optimizer state; ``--quick`` uses a tiny one);
+* **W4-DDP**, **W4-FSDP2** a stack of ``dist_mib / tensor_mib`` weights of ``tensor_mib`` MiB (``[rows, 1024]``
+  fp32) plus AdamW state, wrapped in ``DistributedDataParallel`` or sharded with FSDP2 ``fully_shard`` on 2 ranks
+  for the save, and a plain (unwrapped) copy in one process for the restore (see ``benchmarks/w4_dist.py``);
+* **W5** the W1 layout at ``async_mib`` MiB, saved asynchronously inside a training loop
+  (see ``benchmarks/w5_async.py``).
 
 Every workload exposes the same state in the shapes each contender wants: modules/optimizers for ckptstore,
 ``state_dict()``s for ``torch.save``, a flat ``name -> tensor`` dict for safetensors and the raw contender, and a
@@ -52,6 +57,10 @@ class WorkloadSpec:
     n_small: int = 10_000
     small_kib: int = 16
     gpt: str = "small"
+    dist_mib: int = 256
+    """W4: parameter MiB (the checkpoint is ~3x that with the AdamW state)."""
+    async_mib: int = 1024
+    """W5: state MiB."""
 
     def describe(self) -> str:
         if self.name == "W1":
@@ -59,6 +68,16 @@ class WorkloadSpec:
             return f"W1: {n} x {self.tensor_mib} MiB fp32 tensors"
         if self.name == "W2":
             return f"W2: {self.n_small:,} x {self.small_kib} KiB fp32 tensors"
+        if self.name in W4_NAMES:
+            n = w4_layers(self)
+            how = "DDP replicas" if self.name == "W4-DDP" else "FSDP2 shards"
+            return (
+                f"{self.name}: {n} x {self.tensor_mib} MiB fp32 weights + AdamW state, {how} saved by 2 ranks, "
+                "restored by 1"
+            )
+        if self.name == "W5":
+            n = max(1, self.async_mib // self.tensor_mib)
+            return f"W5: async save of {n} x {self.tensor_mib} MiB fp32 tensors inside a training loop"
         c = GPT_PRESETS[self.gpt]
         return (
             f"W3: GPT-2-{self.gpt}-like ({c.n_layer} layers, d={c.n_embd}, vocab {c.vocab}, ctx {c.n_ctx}, "
@@ -103,6 +122,44 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab, bias=False)
 
 
+class LayerStack(nn.Module):
+    """W4: ``n`` weights of shape ``[rows, 1024]`` in their own submodules (FSDP2 wraps each layer)."""
+
+    COLS = 1024
+
+    def __init__(self, n: int, rows: int, seed: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for i in range(n):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            layer = nn.Module()
+            layer.weight = nn.Parameter(torch.rand(rows, self.COLS, generator=g))
+            self.layers.append(layer)
+
+
+W4_NAMES = ("W4-DDP", "W4-FSDP2")
+
+
+def w4_layers(spec: WorkloadSpec) -> int:
+    return max(1, spec.dist_mib // spec.tensor_mib)
+
+
+def w4_rows(spec: WorkloadSpec) -> int:
+    return max(2, spec.tensor_mib * MiB // 4 // LayerStack.COLS)
+
+
+def adamw_one_step(model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW with its state created by one step, the parameters serving as their own gradients (no forward)."""
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+    # Aliases, not copies: no extra fresh memory; works for plain, DDP and FSDP2 (DTensor) parameters alike.
+    for p in model.parameters():
+        p.grad = p.detach()
+    optim.step()
+    for p in model.parameters():
+        p.grad = None
+    return optim
+
+
 # -- the workload ---------------------------------------------------------------------------------------------
 class Workload:
     """A built workload: ``model`` (and ``optim`` for W3) filled deterministically from ``seed``."""
@@ -118,15 +175,16 @@ class Workload:
         elif spec.name == "W3":
             torch.manual_seed(seed)
             self.model = GPT(GPT_PRESETS[spec.gpt])
-            self.optim = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
-            # One step with the parameters as their own gradients (aliases: no extra 650 MB of fresh memory).
-            for p in self.model.parameters():
-                p.grad = p.detach()
-            self.optim.step()
-            for p in self.model.parameters():
-                p.grad = None
+            self.optim = adamw_one_step(self.model)
+        elif spec.name in W4_NAMES:
+            # The single-process (unwrapped) form; benchmarks/w4_dist.py wraps/shards it on 2 ranks.
+            self.model = LayerStack(w4_layers(spec), w4_rows(spec), seed)
+            self.optim = adamw_one_step(self.model)
+        elif spec.name == "W5":
+            n = max(1, spec.async_mib // spec.tensor_mib)
+            self.model = TensorBag(n, spec.tensor_mib * MiB // 4, seed)
         else:
-            raise ValueError(f"unknown workload {spec.name!r} (W1, W2, W3)")
+            raise ValueError(f"unknown workload {spec.name!r} (W1, W2, W3, W4-DDP, W4-FSDP2, W5)")
 
     # -- flat view (raw, safetensors, fingerprints) ---------------------------------------------------------
     def flat(self) -> dict[str, torch.Tensor]:
@@ -211,6 +269,11 @@ def tensor_nbytes(spec: WorkloadSpec) -> int:
         return max(1, spec.size_mib // spec.tensor_mib) * spec.tensor_mib * MiB
     if spec.name == "W2":
         return spec.n_small * spec.small_kib * 1024
+    if spec.name in W4_NAMES:
+        n = w4_layers(spec)
+        return 3 * n * w4_rows(spec) * LayerStack.COLS * 4 + 4 * n  # weights, exp_avg, exp_avg_sq; fp32 steps
+    if spec.name == "W5":
+        return max(1, spec.async_mib // spec.tensor_mib) * spec.tensor_mib * MiB
     c = GPT_PRESETS[spec.gpt]
     d = c.n_embd
     per_block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
@@ -224,6 +287,10 @@ def tensor_count(spec: WorkloadSpec) -> int:
         return max(1, spec.size_mib // spec.tensor_mib)
     if spec.name == "W2":
         return spec.n_small
+    if spec.name in W4_NAMES:
+        return 4 * w4_layers(spec)
+    if spec.name == "W5":
+        return max(1, spec.async_mib // spec.tensor_mib)
     c = GPT_PRESETS[spec.gpt]
     return 4 * (2 + c.n_layer * 12 + 2 + 1)
 
@@ -236,4 +303,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
-__all__ = ["GPT_PRESETS", "MiB", "Workload", "WorkloadSpec", "human_bytes", "tensor_count", "tensor_nbytes"]
+__all__ = [
+    "GPT_PRESETS",
+    "W4_NAMES",
+    "LayerStack",
+    "MiB",
+    "Workload",
+    "WorkloadSpec",
+    "adamw_one_step",
+    "human_bytes",
+    "tensor_count",
+    "tensor_nbytes",
+    "w4_layers",
+    "w4_rows",
+]

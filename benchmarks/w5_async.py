@@ -1,0 +1,125 @@
+"""W5: asynchronous save inside a training loop (one job of ``benchmarks.run`` per contender and round).
+
+The job builds the W5 state (the W1 layout at ``async_mib`` MiB) and trains on one thread (the other core is
+left to the writer threads), with the same "training step" as ``benchmarks/bench_async.py``: a 512x512 matmul
+chain. Then, with one :class:`~benchmarks.contenders.AsyncSession` for the whole loop (ckptstore: one
+``CheckpointManager``, staging buffers reused; DCP: ``dcp.async_save`` with one reused ``DefaultStager``):
+
+1. the step rate alone (``--w5-rate-seconds``, default 1 s);
+2. a warm-up async save, training until it completes (its blocking part is reported as the first save's:
+   staging memory is allocated then);
+3. a synchronous save and an asynchronous save, in an order alternating with the round, each to a new step and
+   durable (fsync) when it completes. For the async save: ``blocking`` = time until ``save()`` returns (the
+   training is stalled for that long), ``until committed`` = time until the background write completed, while
+   the loop keeps training and counts its steps;
+4. the step rate alone again. ``step-rate dip`` = 1 - (rate while the write runs) / (mean rate alone).
+
+Peak RSS over the baseline before the first save is the kernel's high-water mark (no sampling thread here: it
+would steal CPU from the training loop being measured).
+
+Used by ``benchmarks.worker``; run with ``python -m benchmarks.run --workloads W5``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import Any
+
+import torch
+
+from .contenders import make_contender
+from .workloads import Workload, WorkloadSpec
+
+
+class Trainer:
+    """A stand-in training step (the one of ``bench_async.py``): CPU-bound, no allocation growth."""
+
+    def __init__(self) -> None:
+        self.a = torch.randn(512, 512)
+
+    def step(self) -> None:
+        self.a = torch.tanh(self.a @ self.a / 512)
+
+    def rate(self, seconds: float) -> float:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            self.step()
+            n += 1
+        return n / (time.perf_counter() - t0)
+
+    def until_done(self, handle: Any) -> tuple[int, float]:
+        """Train until ``handle`` (the async save) is done; (steps, seconds)."""
+        n, t0 = 0, time.perf_counter()
+        while not handle.done():
+            self.step()
+            n += 1
+        return n, time.perf_counter() - t0
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    from .worker import reset_hwm, status_kib
+
+    spec = WorkloadSpec(**job["workload"])
+    c = make_contender(job["contender"])
+    c.storage_options = job.get("storage_options")
+    if not c.async_ok:
+        raise ValueError(f"{c.label} has no asynchronous save (W5 runs ckptstore and dcp)")
+    torch.set_num_threads(1)  # one core trains, the other is left to the writer threads
+    t_build = time.perf_counter()
+    wl = Workload(spec, seed=0)
+    t_build = time.perf_counter() - t_build
+    trainer = Trainer()
+    gc.collect()
+    gc.unfreeze()
+    rate_seconds = float(job.get("rate_seconds", 1.0))
+    rate_before = trainer.rate(rate_seconds)
+    base = status_kib("VmRSS") * 1024
+    hwm_ok = reset_hwm()
+    sess = c.async_session(wl, job["path"])
+    res: dict[str, Any] = {}
+    try:
+        t0 = time.perf_counter()
+        h = sess.async_save(1)
+        res["first_block_s"] = time.perf_counter() - t0
+        trainer.until_done(h)
+        h.wait()
+        res["first_total_s"] = time.perf_counter() - t0
+        order = ["sync", "async"] if job.get("round", 0) % 2 == 0 else ["async", "sync"]
+        for step, kind in enumerate(order, start=2):
+            t0 = time.perf_counter()
+            if kind == "sync":
+                sess.sync_save(step)
+                res["sync_s"] = time.perf_counter() - t0
+                continue
+            h = sess.async_save(step)
+            res["block_s"] = time.perf_counter() - t0
+            n, busy = trainer.until_done(h)
+            h.wait()
+            res["total_s"] = time.perf_counter() - t0
+            res["steps_during"] = n
+            res["rate_during"] = n / busy if busy > 0 else None
+    finally:
+        sess.close()
+    peak = status_kib("VmHWM") * 1024 if hwm_ok else status_kib("VmRSS") * 1024
+    rate_after = trainer.rate(rate_seconds)
+    alone = (rate_before + rate_after) / 2
+    res.update(
+        rate_alone=alone,
+        rate_before=rate_before,
+        rate_after=rate_after,
+        # Fewer than 3 steps during the write: too short to call it a rate.
+        step_rate_dip=(1 - res["rate_during"] / alone) if res["rate_during"] and res["steps_during"] >= 3 else None,
+        block_over_sync=res["block_s"] / res["sync_s"],
+        rss_base=base,
+        rss_peak=peak,
+        rss_over=max(0, peak - base),
+        rss_method="VmHWM" if hwm_ok else "VmRSS after",
+        build_seconds=t_build,
+        pid=os.getpid(),
+    )
+    return res
+
+
+__all__ = ["Trainer", "run_job"]
