@@ -291,8 +291,10 @@ def check_targets(rows: Sequence[dict[str, Any]], workloads: dict[str, Any]) -> 
             )
     for t in out:
         w = workloads.get(t["workload"], {})
-        if t["workload"] == "W1" and w.get("nbytes") not in (None, 1 << 30):
-            t["requirement"] += f" (run at {w['nbytes'] / MiB:.0f} MiB, target is 1 GiB)"
+        # The issues state the local targets at 1 GiB and the S3 ones at 512 MiB.
+        spec_bytes = 512 * MiB if t["target"] == "s3" else 1 << 30
+        if t["workload"] == "W1" and w.get("nbytes") not in (None, spec_bytes):
+            t["requirement"] += f" (run at {w['nbytes'] / MiB:.0f} MiB, target is {spec_bytes / MiB:.0f} MiB)"
         if t["workload"] == "W2" and w.get("n_small") not in (None, 10_000):
             t["requirement"] += f" (run at {w['n_small']} tensors, target is 10,000)"
         if t["workload"] == "W5" and w.get("nbytes") not in (None, 1 << 30):

@@ -507,6 +507,15 @@ class CheckpointManager:
             self._staging.retain(set(flat.tensors))
         return sources, specs
 
+    def _plan_options(self) -> IOOptions:
+        """``self.io``, with shard files no bigger than the storage prefers (S3: one PutObject each)."""
+        cap = self.storage.preferred_file_bytes
+        if cap is None or cap >= self.io.file_bytes:
+            return self.io
+        from dataclasses import replace
+
+        return replace(self.io, file_bytes=cap)
+
     def _run_save(self, job: _SaveJob) -> SaveResult:
         comm = self.comm
         prefix = step_dir(job.step)
@@ -546,7 +555,7 @@ class CheckpointManager:
                     plan_err = "; ".join(f"rank {r} could not prepare its state: {m}" for r, m in prep_failed.items())
                 try:
                     if not prep_failed:
-                        plan = plan_writes(all_specs or [job.specs], save_id=save_id, options=self.io)
+                        plan = plan_writes(all_specs or [job.specs], save_id=save_id, options=self._plan_options())
                 except Exception as e:  # any planning error must reach the other ranks, or they would wait
                     if not comm.is_distributed:
                         raise

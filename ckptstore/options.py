@@ -34,7 +34,8 @@ class IOOptions:
     """S3 multipart part size (16-64 MiB recommended)."""
     single_put_bytes: int = 128 * MiB
     """S3: shard files up to this size are uploaded with one ``PutObject`` instead of a multipart upload
-    (fewer requests; no server-side reassembly). Bigger files go multipart, in parallel parts."""
+    (fewer requests; no server-side reassembly). Bigger files go multipart, in parallel parts. On S3, shard
+    files are planned at most half this size (overriding a larger ``file_bytes``), so they stay single PUTs."""
     max_inflight_bytes: int = 256 * MiB
     """Upper bound of buffered-but-not-yet-uploaded bytes per process (S3)."""
     verify: bool = True

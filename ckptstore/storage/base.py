@@ -61,6 +61,8 @@ class Storage:
 
     #: True when ``create_exclusive`` is atomic against concurrent writers of other processes.
     atomic_create: bool = True
+    #: Largest shard file worth planning on this backend (None: no preference, ``IOOptions.file_bytes`` rules).
+    preferred_file_bytes: int | None = None
 
     def __init__(self, url: str, fs: Any, root: str) -> None:
         self.url = url.rstrip("/")

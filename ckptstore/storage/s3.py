@@ -164,6 +164,12 @@ class S3Storage(Storage):
         self._pid = os.getpid()
         self._op_params: dict[str, frozenset[str]] = {}
 
+    @property
+    def preferred_file_bytes(self) -> int:  # type: ignore[override]
+        # Half the single-PUT limit: files of packed tensors (at most one chunk over the target) plus their
+        # header stay single PutObjects, which cost the server less than multipart uploads and their completion.
+        return max(self.io.part_bytes, self.io.single_put_bytes // 2)
+
     # -- plumbing ----------------------------------------------------------------------------------------
     def _key(self, rel: str) -> str:
         rel = _check_rel(rel)

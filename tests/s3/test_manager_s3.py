@@ -52,6 +52,23 @@ def test_loading_a_given_step_does_not_list_every_step(s3_faults: Any) -> None:
     fresh.close()
 
 
+def test_shard_files_are_planned_as_single_puts(s3_faults: Any) -> None:
+    # With file_bytes far above single_put_bytes, S3 still gets files of at most half of it: one PUT each.
+    from ckptstore import IOOptions
+
+    MiB = 1 << 20
+    io = IOOptions(threads=2, file_bytes=512 * MiB, min_split_bytes=MiB, part_bytes=5 * MiB, single_put_bytes=8 * MiB)
+    url, opts = s3_faults.root
+    state = {f"t{i}": torch.full((MiB // 4,), float(i)) for i in range(24)}  # 24 MiB: 2 files of 12 without the cap
+    with CheckpointManager(url, storage_options=opts, io=io) as mgr:
+        s3_faults.reset_log()
+        res = mgr.save(1, state)
+        sizes = mgr.manifest(1).files
+        assert res.files >= 3 and len(sizes) == res.files and max(sizes.values()) <= 8 * MiB
+        assert not [r for r in s3_faults.requests if "uploads" in r.query or "uploadId" in r.query]
+        assert all(torch.equal(v, state[k]) for k, v in mgr.load(1).items())
+
+
 def test_second_writer_of_a_step_gets_exists_error(s3_root: tuple[str, dict]) -> None:
     url, opts = s3_root
     a = CheckpointManager(url, storage_options=opts)
