@@ -475,24 +475,22 @@ class CheckpointManager:
                     staged = dict(zip([k for k, _ in todo], ex.map(lambda kv: self._staging.stage(*kv), todo)))
             else:
                 staged = {k: self._staging.stage(k, loc) for k, loc in todo}
+        # Per-dtype and per-device strings computed once: states hold 10k+ tensors of a few dtypes/devices.
+        dtypes: dict[torch.dtype, tuple[str, int]] = {}
+        devices: dict[torch.device, str] = {}
         for key, t in flat.tensors.items():
             local, gshape, offs = boxes[key]
             if key in staged:
                 local = staged[key]
             elif not local.is_contiguous() or local.is_conj() or local.is_neg():
                 local = local.resolve_conj().resolve_neg().contiguous()
-            specs.append(
-                LocalSpec(
-                    key,
-                    dtype_name(local.dtype),
-                    local.element_size(),
-                    gshape,
-                    offs,
-                    tuple(local.shape),
-                    order,
-                    device=str(t.device),
-                )
-            )
+            dt = dtypes.get(local.dtype)
+            if dt is None:
+                dt = dtypes[local.dtype] = (dtype_name(local.dtype), local.element_size())
+            dev = devices.get(t.device)
+            if dev is None:
+                dev = devices[t.device] = str(t.device)
+            specs.append(LocalSpec(key, dt[0], dt[1], gshape, offs, tuple(local.shape), order, device=dev))
             sources[key] = Source(local, offs, local.dtype)
             order += 1
         for key, obj in flat.pickles.items():

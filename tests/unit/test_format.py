@@ -171,3 +171,32 @@ def test_huge_header_length_is_refused_without_allocating() -> None:
     blob = struct.pack("<Q", 2**62) + b"{}"
     with pytest.raises(ManifestError, match="larger than allowed"):
         parse_header(blob, 1 << 50)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["model/fc1.weight", 'q"uote', "back\\slash", "new\nline", "tab\t", "ünï", "emoji🙂", "", "a/b#0,3"],
+)
+def test_fast_tensor_rows_equal_the_json_encoder(key: str) -> None:
+    # The manifest writes tensor rows with string templates; they must be byte-identical to json's encoding.
+    from ckptstore.format.manifest import _ENCODER, _json_str, _tensor_json
+
+    entries = [
+        TensorEntry("float32", (4, 3), (Piece("shard-a-r0-0.safetensors", 80, 128, 0x1A2B3C4D),)),
+        TensorEntry(
+            "bfloat16",
+            (),
+            (Piece("shard-a-r1-2.safetensors", 8, 10, 0, offsets=(), shape=()),),
+            device="cuda:1",
+        ),
+        TensorEntry(
+            "uint8",
+            (10, 2),
+            (Piece("f", 0, 10, 0xFFFFFFFF, (0, 0), (5, 2)), Piece(key or "g", 10, 20, 7, (5, 0), (5, 2))),
+            device=key,
+            encoding="pickle",
+        ),
+    ]
+    assert _json_str(key) == _ENCODER.encode(key)
+    for e in entries:
+        assert _tensor_json(e) == _ENCODER.encode(e.to_json())
