@@ -275,13 +275,10 @@ def _tensor_json(t: TensorEntry, memo: dict[str, str] | None = None) -> str:
     pieces = []
     for p in t.pieces:
         box = "" if p.offsets is None else f',"offsets":{_ints(p.offsets)},"shape":{_ints(p.shape or ())}'
-        pieces.append(
-            f'{{"file":{js(p.file)},"range":[{int(p.start)},{int(p.end)}],"crc32c":"{p.crc32c:08x}"{box}}}'
-        )
+        pieces.append(f'{{"file":{js(p.file)},"range":[{int(p.start)},{int(p.end)}],"crc32c":"{p.crc32c:08x}"{box}}}')
     enc = "" if t.encoding == "raw" else f',"encoding":{js(t.encoding)}'
     return (
-        f'{{"dtype":{js(t.dtype)},"shape":{_ints(t.shape)},"device":{js(t.device)}{enc},'
-        f'"pieces":[{",".join(pieces)}]}}'
+        f'{{"dtype":{js(t.dtype)},"shape":{_ints(t.shape)},"device":{js(t.device)}{enc},"pieces":[{",".join(pieces)}]}}'
     )
 
 
