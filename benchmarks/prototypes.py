@@ -6,7 +6,8 @@ fail loudly). Select them with the ckptstore contender option ``proto=NAME``, e.
 
     python -m benchmarks.run --workloads W1 --contenders raw,safetensors,ckptstore,ckptstore:proto=mmap_load
 
-* ``mmap_load`` - ``load()`` on local storage maps each shard file copy-on-write (``MAP_PRIVATE``, like
+* ``mmap_load`` - adopted: the library does this by default now (``IOOptions.mmap_load``); kept to compare
+  against its first version. ``load()`` on local storage maps each shard file copy-on-write (``MAP_PRIVATE``, like
   ``torch.load(mmap=True)`` and safetensors) and returns tensors that are views of the mapping, instead of
   allocating fresh memory and ``preadv``-ing into it; the crc32c verification then only faults page-cache pages
   in. Tensors that are not a whole, aligned, CPU piece fall back to the normal path.
