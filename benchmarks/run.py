@@ -246,15 +246,17 @@ class Runner:
             el = time.perf_counter() - t_start
             print(f"   round {r + 1}/{a.repeats} done, {el:.0f}s elapsed", flush=True)
 
+    def report_problem(self, msg: str, res: dict[str, Any]) -> None:
+        self.problems.append(msg)
+        print(f"   !! {msg}", flush=True)
+        if res.get("traceback"):
+            print(res["traceback"], file=sys.stderr, flush=True)
+
     def record_async(self, target: Target, spec: WorkloadSpec, c: Contender, rnd: int, res: dict[str, Any]) -> None:
         nbytes = tensor_nbytes(spec)
         common = {"target": target.name, "workload": spec.name, "contender": c.label, "round": rnd, "nbytes": nbytes}
         if "error" in res:
-            msg = f"{target.name} {spec.name} {c.label} async round {rnd}: {res['error']}"
-            self.problems.append(msg)
-            print(f"   !! {msg}", flush=True)
-            if res.get("traceback"):
-                print(res["traceback"], file=sys.stderr, flush=True)
+            self.report_problem(f"{target.name} {spec.name} {c.label} async round {rnd}: {res['error']}", res)
             self.records.append({**common, "op": "async: blocking", "error": res["error"]})
             return
         rss = {k: res[k] for k in ("rss_base", "rss_peak", "rss_over", "rss_method")}
@@ -361,11 +363,7 @@ class Runner:
             rec["files"] = len(sizes)
             rec["disk_bytes"] = sum(sizes)
         if "error" in rec:
-            msg = f"{target.name} {spec.name} {c.label} {rec['op']} round {rnd}: {rec['error']}"
-            self.problems.append(msg)
-            print(f"   !! {msg}", flush=True)
-            if res.get("traceback"):
-                print(res["traceback"], file=sys.stderr, flush=True)
+            self.report_problem(f"{target.name} {spec.name} {c.label} {rec['op']} round {rnd}: {rec['error']}", res)
         else:
             rec["gbps"] = nbytes / res["seconds"] / 1e9
             if record:

@@ -1282,7 +1282,7 @@ class CheckpointManager:
         if len(e.pieces) != 1:
             return None
         p = e.pieces[0]
-        itemsize = torch.empty(0, dtype=dt).element_size()
+        itemsize = dt.itemsize
         numel = math.prod(e.shape)
         if p.offsets is not None or not numel or p.nbytes != numel * itemsize or p.start % itemsize:
             return None

@@ -666,20 +666,10 @@ class _S3Writer:
 
     def _submit_held(self, *, final: bool) -> None:
         """Borrow mode: hand full parts (the rest too when ``final``) of the held buffers to the upload pool."""
-        while self._held_bytes >= self._part or (final and self._held_bytes):
-            take = min(self._part, self._held_bytes)
-            views: list[memoryview] = []
-            got = 0
-            while got < take:
-                v = self._held[0]
-                n = min(v.nbytes, take - got)
-                views.append(v[:n])
-                got += n
-                if n == v.nbytes:
-                    self._held.pop(0)
-                else:
-                    self._held[0] = v[n:]
-            self._held_bytes -= take
+        keep = 0 if final else self._held_bytes % self._part
+        groups = [vs for _, vs in _split_ranges(0, self._held, self._part)]
+        self._held, self._held_bytes = (groups.pop() if keep else []), keep
+        for views in groups:
             self._submit_views(views)
 
     def _submit_views(self, views: list[memoryview]) -> None:
