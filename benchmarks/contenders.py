@@ -566,6 +566,7 @@ class Ckptstore(Contender):
         self.impl: str | None = opts.pop("impl", None)
         self.nogc = bool(opts.pop("nogc", False))
         self.proto: str | None = opts.pop("proto", None)
+        self.overlap = bool(opts.pop("overlap", False))  # W5: CheckpointManager(overlap_staging=True)
         self.io = IOOptions(**opts)
         self._swapped = False
 
@@ -580,7 +581,7 @@ class Ckptstore(Contender):
 
                 apply(str(self.proto))
             self._swapped = True
-        return CheckpointManager(loc, io=self.io, storage_options=self.storage_options)
+        return CheckpointManager(loc, io=self.io, storage_options=self.storage_options, overlap_staging=self.overlap)
 
     def _gc_off(self) -> Any:
         import contextlib

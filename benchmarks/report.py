@@ -269,20 +269,24 @@ def check_targets(rows: Sequence[dict[str, Any]], workloads: dict[str, Any]) -> 
                     "met": met,
                 }
             )
-        r = idx.get((tgt, "W5", ref, "async: blocking"))
-        if r is not None and r["block_over_sync"] is not None:
+        # ckptstore's own rows: the default (copy at call time) and any variant such as overlap_staging.
+        for c in sorted({k[2] for k in idx if k[:2] == (tgt, "W5") and k[2].split(":")[0] == ref}):
+            r = idx.get((tgt, "W5", c, "async: blocking"))
+            if r is None or r["block_over_sync"] is None:
+                continue
             b = r["block_over_sync"]
-            sync = idx.get((tgt, "W5", ref, "save (sync)"))
+            sync = idx.get((tgt, "W5", c, "save (sync)"))
             secs = (
                 f"; {r['seconds']['median']:.3f} s vs {sync['seconds']['median']:.3f} s"
                 if sync is not None and sync["seconds"]
                 else ""
             )
+            label = "" if c == ref else f" ({c})"
             out.append(
                 {
                     "target": tgt,
                     "workload": "W5",
-                    "requirement": f"async save: blocking part <= {ASYNC_NEED:.0%} of a synchronous save",
+                    "requirement": f"async save{label}: blocking part <= {ASYNC_NEED:.0%} of a synchronous save",
                     "measured": f"{b['median']:.1%} [{b['min']:.1%}-{b['max']:.1%}]{secs}",
                     "value": b["median"],
                     "need": ASYNC_NEED,
@@ -478,8 +482,11 @@ def _async_table(sub: list[dict[str, Any]], ref: str) -> list[str]:
         "",
         "One job per contender and round: a warm-up async save (its blocking part = the first save's, staging "
         "memory allocated then), then a synchronous and an async save (order alternating), one training thread "
-        "(a 512x512 matmul chain) running between and during them. Blocking / sync and the dip are per-round "
-        "ratios (median, min-max); the dip is 1 - step rate while the background write runs / rate alone.",
+        "running between and during them: micro-steps of a 512x512 matmul chain (forward/backward) and an "
+        "optimizer.step() every `--w5-accum` of them. Blocking = until save() returns + the time training "
+        "waited in ckptstore's hooks for an overlapped staging copy (`overlap=true`). Blocking / sync and the "
+        "dip are per-round ratios (median, min-max); the dip is 1 - step rate while the background write runs "
+        "/ rate alone.",
     ]
     return L
 

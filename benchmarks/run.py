@@ -75,6 +75,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--w5-mib", type=int, default=None, help="W5 state MiB (default 1024, quick 128)")
     ap.add_argument(
+        "--w5-accum",
+        type=int,
+        default=25,
+        help="W5: micro-steps (~4 ms each) per optimizer step, as with gradient accumulation (default 25)",
+    )
+    ap.add_argument(
         "--w5-rate-seconds", type=float, default=1.0, help="W5: seconds to measure the step rate alone, before+after"
     )
     ap.add_argument("--repeats", type=int, default=None, help="rounds per workload and target (default 5, quick 3)")
@@ -183,6 +189,10 @@ class Runner:
             usable = [c for c in contenders if c.dist_ok]
         elif spec.name == "W5":
             usable = [c for c in contenders if c.async_ok]
+            labels = {c.label for c in usable}
+            if "ckptstore" in labels and a.contenders == ",".join(DEFAULT_CONTENDERS):
+                # By default W5 also measures overlap_staging (only async saves differ with it).
+                usable.append(make_contender("ckptstore:overlap=true"))
         else:
             usable = [c for c in contenders if target.is_fs or not c.fs_only]
         nbytes = tensor_nbytes(spec)
@@ -237,7 +247,7 @@ class Runner:
             for c in usable[k:] + usable[:k]:
                 name = f"{spec.name}-{c.label.replace(':', '_').replace('=', '')}-r{r}"
                 job = self.job_dict(target, spec, c.label, "async", target.location(name))
-                job.update(round=r, rate_seconds=a.w5_rate_seconds)
+                job.update(round=r, rate_seconds=a.w5_rate_seconds, accum=a.w5_accum)
                 try:
                     res = self.job(job)
                 finally:
@@ -262,7 +272,17 @@ class Runner:
         rss = {k: res[k] for k in ("rss_base", "rss_peak", "rss_over", "rss_method")}
         extras = {
             k: res.get(k)
-            for k in ("block_over_sync", "step_rate_dip", "first_block_s", "rate_alone", "rate_during", "steps_during")
+            for k in (
+                "block_over_sync",
+                "step_rate_dip",
+                "first_block_s",
+                "rate_alone",
+                "rate_during",
+                "steps_during",
+                "return_s",
+                "hook_wait_s",
+                "opt_excess_s",
+            )
         }
         for op, key, extra in (
             ("save (sync)", "sync_s", {}),
@@ -274,6 +294,8 @@ class Runner:
         dip = res.get("step_rate_dip")
         print(
             f"   r{rnd} {c.label:<24} sync {res['sync_s']:.3f}s  async blocking {res['block_s']:.3f}s "
+            f"(save() {res['return_s']:.3f}s + hooks waited {res['hook_wait_s']:.3f}s; optimizer steps "
+            f"{res['opt_excess_s']:.3f}s slower) "
             f"({res['block_over_sync']:.1%} of sync; first save {res['first_block_s']:.3f}s)  "
             f"until committed {res['total_s']:.3f}s  step-rate dip {'n/a' if dip is None else f'{dip:.1%}'}  "
             f"rss +{res['rss_over'] / 2**20:.0f} MiB",

@@ -43,6 +43,7 @@ CONFIG_KEYS = (
     "mirror",
     "io",
     "async_save",
+    "overlap_staging",
     "allow_pickle",
     "timeout_seconds",
 )
@@ -84,6 +85,9 @@ class ManagerConfig:
     """I/O tuning; a dict is converted with :meth:`IOOptions.from_dict`."""
     async_save: bool = False
     """``save()`` returns a pending handle by default instead of blocking until the commit."""
+    overlap_staging: bool = False
+    """Async saves copy the state to staging memory in the background too; optimizer steps and forwards of
+    modules with buffers wait for the copy (see ``ckptstore.overlap``)."""
     allow_pickle: bool = False
     """Allow pickling values that are neither tensors, Stateful objects nor JSON values."""
     timeout_seconds: float | None = None
@@ -121,7 +125,7 @@ class ManagerConfig:
             io = IOOptions.from_dict(dict(io))
         elif not isinstance(io, IOOptions):
             raise ConfigError(f"io must be a mapping of I/O options, got {io!r} ({_type_name(io)})")
-        for name in ("async_save", "allow_pickle"):
+        for name in ("async_save", "overlap_staging", "allow_pickle"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r} ({_type_name(value)})")
@@ -377,6 +381,7 @@ def _build(data: Mapping[Any, Any], env: Mapping[str, str]) -> ManagerConfig:
         mirror_storage_options=mirror_options,
         io=io,
         async_save=d.get("async_save", False),
+        overlap_staging=d.get("overlap_staging", False),
         allow_pickle=d.get("allow_pickle", False),
         timeout_seconds=d.get("timeout_seconds"),
     )
@@ -390,9 +395,10 @@ def load_config(
     """Load and validate a manager configuration from a YAML file path or a dict.
 
     Top-level keys: ``root`` (required), ``storage_options``, ``retention``, ``mirror`` (a URL or
-    ``{url, storage_options}``), ``io``, ``async_save``, ``allow_pickle``, ``timeout_seconds``. String values
-    may use ``${VAR}`` / ``${VAR:-default}`` (``$${`` is a literal ``${``); interpolation always yields
-    strings. ``env`` (default ``os.environ``) is read for interpolation and the ``CKPTSTORE_*`` overrides.
+    ``{url, storage_options}``), ``io``, ``async_save``, ``overlap_staging``, ``allow_pickle``,
+    ``timeout_seconds``. String values may use ``${VAR}`` / ``${VAR:-default}`` (``$${`` is a literal
+    ``${``); interpolation always yields strings. ``env`` (default ``os.environ``) is read for interpolation
+    and the ``CKPTSTORE_*`` overrides.
 
     Raises :class:`~ckptstore.errors.ConfigError` (a ``ValueError``) for a missing or unreadable file, invalid
     YAML, unknown keys (with a did-you-mean), wrong types or unset variables; messages from a file start with

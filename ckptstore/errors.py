@@ -80,6 +80,11 @@ class UnsupportedValueError(CheckpointError, TypeError):
     """A value in the state cannot be stored without pickle (pass ``allow_pickle=True`` to store it anyway)."""
 
 
+class StateChangedError(CheckpointError, RuntimeError):
+    """An async save with ``overlap_staging`` saw a tensor change in place before it was copied; the step was
+    not saved. Call ``PendingSave.wait_staged()`` before such changes (see ``ckptstore.overlap``)."""
+
+
 class StateMismatchError(CheckpointError, KeyError):
     """The target state does not match the checkpoint (missing/unexpected keys, shape or dtype mismatch)."""
 
@@ -113,6 +118,7 @@ __all__ = [
     "DistributedSaveError",
     "IntegrityError",
     "ManifestError",
+    "StateChangedError",
     "StateMismatchError",
     "StorageError",
     "UnsafeCheckpointError",

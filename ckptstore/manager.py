@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import overlap
 from ._version import __version__
 from .dist import Comm, default_comm
 from .errors import (
@@ -28,6 +29,7 @@ from .errors import (
     DistributedSaveError,
     IntegrityError,
     ManifestError,
+    StateChangedError,
     StateMismatchError,
     StorageError,
     UnsafeCheckpointError,
@@ -44,7 +46,7 @@ from .format.manifest import (
     step_dir,
 )
 from .format.state import PerRank, flatten, is_stateful, unflatten
-from .io import ReadTask, Source, plan_fill, read_pieces, tensor_bytes, verify_views, write_files
+from .io import ReadTask, Source, _parallel, plan_fill, read_pieces, tensor_bytes, verify_views, write_files
 from .options import IOOptions
 from .plan import LocalSpec, WritePlan, plan_writes
 from .staging import StagingPool
@@ -97,7 +99,35 @@ def _dtensor_type() -> type | None:
     return getattr(mod, "DTensor", None) if mod is not None else None
 
 
-def _tensor_local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+_Box = tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]
+
+
+def _pickle_tensor(obj: Any) -> torch.Tensor:
+    buf = _pyio.BytesIO()
+    torch.save(obj, buf)
+    return torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8)
+
+
+def _version_of(t: torch.Tensor) -> int | None:
+    """Autograd's in-place change counter of ``t`` (None for inference tensors, which have none)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
+
+
+def _check_unchanged(step: int, boxes: dict[str, _Box], versions: dict[str, int | None]) -> None:
+    changed = [k for k, v in versions.items() if v is not None and _version_of(boxes[k][0]) != v]
+    if changed:
+        shown = ", ".join(repr(k) for k in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise StateChangedError(
+            f"step {step} was not saved: {shown} changed in place while the overlapped staging copy was running, "
+            "so the snapshot could mix old and new values. Call pending.wait_staged() before changing state "
+            "outside optimizer.step() and module forwards, or use overlap_staging=False"
+        )
+
+
+def _tensor_local_box(t: torch.Tensor) -> _Box:
     """(local tensor, global shape, global offsets of the local box) for plain tensors and DTensors."""
     DTensor = _dtensor_type()
     if DTensor is None or not isinstance(t, DTensor):
@@ -139,13 +169,31 @@ class PendingSave:
         result = pending.wait()  # re-raises a background error with its original type
     """
 
-    def __init__(self, step: int, future: Future[SaveResult]) -> None:
+    def __init__(self, step: int, future: Future[SaveResult], copy: overlap.Copy | None = None) -> None:
         self.step = step
         self._future = future
+        self._copy = copy
         self._reported = False  # an error the caller has already seen is not raised again by close()
 
     def done(self) -> bool:
         return self._future.done()
+
+    def staged(self) -> bool:
+        """True once the state has been copied to staging memory (always, unless ``overlap_staging``)."""
+        return self._copy is None or self._copy.event.is_set()
+
+    def wait_staged(self, timeout: float | None = None) -> bool:
+        """Block until the state has been copied, after which it may be changed in any way; False on timeout.
+
+        Only needed with ``overlap_staging=True``, before changing saved tensors other than by
+        ``optimizer.step()`` or a module's forward (those wait by themselves)::
+
+            pending = mgr.save(step, state, blocking=False)
+            loss = model(batch).sum(); loss.backward()
+            pending.wait_staged()
+            ema.update(model)            # changes saved tensors in place
+        """
+        return self._copy is None or self._copy.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> SaveResult:
         try:
@@ -210,6 +258,7 @@ class CheckpointManager:
         io: IOOptions | dict[str, Any] | None = None,
         allow_pickle: bool = False,
         async_save: bool = False,
+        overlap_staging: bool = False,
         mirror: str | os.PathLike[str] | None = None,
         mirror_storage_options: dict[str, Any] | None = None,
         comm: Comm | None = None,
@@ -219,6 +268,9 @@ class CheckpointManager:
         self.url = self.storage.url
         self.allow_pickle = allow_pickle
         self.async_save = async_save
+        if not isinstance(overlap_staging, bool):
+            raise ConfigError(f"overlap_staging must be True or False, got {overlap_staging!r}")
+        self.overlap_staging = overlap_staging
         self.retention = _coerce_retention(retention)
         self.comm = comm if comm is not None else default_comm(self.io.timeout_seconds)
         self._manifests: dict[tuple[str, int], Manifest] = {}
@@ -257,6 +309,7 @@ class CheckpointManager:
             "io": cfg.io,
             "allow_pickle": cfg.allow_pickle,
             "async_save": cfg.async_save,
+            "overlap_staging": cfg.overlap_staging,
         }
         if cfg.mirror:
             kwargs["mirror"] = cfg.mirror
@@ -431,6 +484,13 @@ class CheckpointManager:
                     (self.io.staging_budget_bytes or 0) / 2**20,
                 )
                 blocking = True
+            if not blocking and self.overlap_staging:
+                # Only what is cheap is taken now; the copy itself overlaps the next forward/backward.
+                boxes = self._boxes(flat)
+                versions = {k: _version_of(b[0]) for k, b in boxes.items()}
+                pickled = {k: _pickle_tensor(o) for k, o in flat.pickles.items()}
+                job = _SaveJob(step, flat.tree, {}, [], epoch, metrics, metadata, created_at, t0)
+                return self._save_overlapped(job, flat, boxes, versions, pickled)
             sources, specs = self._sources(flat, stage=not blocking)
             job = _SaveJob(step, flat.tree, sources, specs, epoch, metrics, metadata, created_at, t0)
         except Exception as e:
@@ -457,24 +517,73 @@ class CheckpointManager:
         self._pending = PendingSave(step, fut)
         return self._pending
 
-    def _sources(self, flat: Any, *, stage: bool) -> tuple[dict[str, Source], list[LocalSpec]]:
+    def _save_overlapped(
+        self,
+        job: _SaveJob,
+        flat: Any,
+        boxes: dict[str, _Box],
+        versions: dict[str, int | None],
+        pickled: dict[str, torch.Tensor],
+    ) -> PendingSave:
+        """Start the staging copy and then the write on a fresh thread; return at once (``overlap_staging``)."""
+        copy = overlap.begin()
+        job.copy = copy
+        job.blocking_seconds = time.perf_counter() - job.t0
+        fut: Future[SaveResult] = Future()
+        fut.set_running_or_notify_cancel()
+
+        def run() -> None:
+            try:
+                try:
+                    job.sources, job.specs = self._sources(flat, stage=True, boxes=boxes, pickled=pickled)
+                    _check_unchanged(job.step, boxes, versions)
+                finally:
+                    overlap.end(copy)  # training may go on, even if the copy failed
+            except Exception as e:
+                if not self.comm.is_distributed:
+                    fut.set_exception(e)
+                    return
+                job.prep_error, job.sources, job.specs = e, {}, []  # the other ranks must learn of it
+            # The copy ran at the caller's priority (training waits for it); the write yields the CPU.
+            _lower_thread_priority(self.io.background_nice)
+            try:
+                fut.set_result(self._run_save(job))
+            except BaseException as e:
+                fut.set_exception(e)
+
+        # A thread of its own, not an executor: executors refuse new work once the interpreter starts to exit,
+        # and a save whose copy is already running should still commit then.
+        threading.Thread(target=run, name=f"ckpt-overlap-{job.step}").start()
+        self._pending = PendingSave(job.step, fut, copy)
+        return self._pending
+
+    def _boxes(self, flat: Any) -> dict[str, _Box]:
+        return {key: _tensor_local_box(t.detach()) for key, t in flat.tensors.items()}
+
+    def _sources(
+        self,
+        flat: Any,
+        *,
+        stage: bool,
+        boxes: dict[str, _Box] | None = None,
+        pickled: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[dict[str, Source], list[LocalSpec]]:
         sources: dict[str, Source] = {}
         specs: list[LocalSpec] = []
         order = 0
         staged: dict[str, torch.Tensor] = {}
-        boxes = {key: _tensor_local_box(t.detach()) for key, t in flat.tensors.items()}
+        if boxes is None:
+            boxes = self._boxes(flat)
         todo = [(key, box[0]) for key, box in boxes.items() if stage or box[0].device.type != "cpu"]
         if todo:
             # A snapshot in reused host buffers: later training steps cannot change what gets written, and no
             # fresh memory is touched after the first save. Copies run on the I/O threads (torch releases the
-            # GIL), since the caller is blocked for exactly this long.
-            if len(todo) > 1 and self.io.threads > 1:
-                from concurrent.futures import ThreadPoolExecutor
+            # GIL), since the caller is blocked for exactly this long. Plain threads, not an executor: an
+            # overlapped copy may still run while the interpreter exits, when executors refuse new work.
+            def stage_one(kv: tuple[str, torch.Tensor]) -> None:
+                staged[kv[0]] = self._staging.stage(*kv)
 
-                with ThreadPoolExecutor(min(self.io.threads, len(todo)), thread_name_prefix="ckpt-stage") as ex:
-                    staged = dict(zip([k for k, _ in todo], ex.map(lambda kv: self._staging.stage(*kv), todo)))
-            else:
-                staged = {k: self._staging.stage(k, loc) for k, loc in todo}
+            _parallel(stage_one, todo, self.io.threads, name="ckpt-stage")
         # Per-dtype and per-device strings computed once: states hold 10k+ tensors of a few dtypes/devices.
         dtypes: dict[torch.dtype, tuple[str, int]] = {}
         devices: dict[torch.device, str] = {}
@@ -494,9 +603,7 @@ class CheckpointManager:
             sources[key] = Source(local, offs, local.dtype)
             order += 1
         for key, obj in flat.pickles.items():
-            buf = _pyio.BytesIO()
-            torch.save(obj, buf)
-            raw = torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8)
+            raw = pickled[key] if pickled is not None else _pickle_tensor(obj)
             sources[key] = Source(raw, (0,), torch.uint8, "pickle")
             specs.append(LocalSpec(key, "uint8", 1, (raw.numel(),), (0,), (raw.numel(),), order, "pickle"))
             order += 1
@@ -642,13 +749,15 @@ class CheckpointManager:
             if self.mirror_storage is not None:
                 self._enqueue_mirror(job.step)
             deleted = self._apply_retention(job.step)
+        waited = job.copy.waited if job.copy is not None else 0.0
         res = SaveResult(
             step=job.step,
             url=self.storage.url_of(prefix),
             nbytes=outcome["nbytes"],
             files=outcome["files"],
             seconds=seconds,
-            blocking_seconds=job.blocking_seconds if job.blocking_seconds is not None else seconds,
+            blocking_seconds=seconds if job.blocking_seconds is None else job.blocking_seconds + waited,
+            staging_wait_seconds=waited,
             deleted_steps=deleted,
         )
         log.info(
@@ -1482,6 +1591,8 @@ class _SaveJob:
     t0: float
     blocking_seconds: float | None = None
     prep_error: BaseException | None = None
+    copy: overlap.Copy | None = None
+    """Overlapped staging: training also waited ``copy.waited`` seconds for the copy in hooks."""
 
 
 class _PrepFailed:

@@ -60,6 +60,9 @@ class SaveResult:
     files: int
     seconds: float
     blocking_seconds: float = 0.0
-    """Time the caller was blocked (equals ``seconds`` for a synchronous save)."""
+    """Time the caller was blocked (equals ``seconds`` for a synchronous save). With ``overlap_staging`` it
+    includes ``staging_wait_seconds``."""
+    staging_wait_seconds: float = 0.0
+    """``overlap_staging``: how long optimizer steps and module forwards waited for the staging copy."""
     deleted_steps: tuple[int, ...] = ()
     """Steps removed by the retention policy after this commit."""

@@ -10,6 +10,7 @@ import copy
 import errno
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -161,6 +162,68 @@ def ddp_two_ranks(rank: int, world: int, root: str) -> dict[str, Any]:
     }
     train(ddp, opt, 1, rank, WIDTH, seed=2)
     out["save_5"] = mgr.save(5, {"model": model, "optim": opt}).step
+    mgr.close()
+    return out
+
+
+def ddp_overlap(rank: int, world: int, root: str) -> dict[str, Any]:
+    """``overlap_staging``: async saves while DDP training goes straight on; then rank 1 alone changes a saved
+    tensor behind the optimizer's back, which must fail the save on every rank."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ckptstore.staging import StagingPool
+
+    mgr = CheckpointManager(root, io=IOOptions(timeout_seconds=60), overlap_staging=True)
+    model = make_mlp(layers=4, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ddp = DDP(model)
+    train(ddp, opt, 2, rank, WIDTH)
+    pending = mgr.save(1, {"model": model, "optim": opt}, blocking=False)
+    saved = snapshot(model, opt)  # reading is always allowed
+    train(ddp, opt, 2, rank, WIDTH, seed=1)  # the first optimizer step waits for the copy
+    res = pending.wait()
+    out: dict[str, Any] = {"saved": saved, "after": snapshot(model, opt), "step": res.step}
+
+    # Rank 1's copy is held back until it has changed a weight in place without waiting: a torn snapshot.
+    gate = threading.Event()
+    orig = StagingPool.stage
+
+    def held(self: StagingPool, key: str, t: torch.Tensor) -> torch.Tensor:
+        gate.wait(30)
+        return orig(self, key, t)
+
+    if rank == 1:
+        StagingPool.stage = held  # type: ignore[method-assign]
+    pending = mgr.save(2, {"model": model, "optim": opt}, blocking=False)
+    if rank == 1:
+        with torch.no_grad():
+            model[0].weight.mul_(2)
+        gate.set()
+    try:
+        pending.wait()
+        out["fault"] = None
+    except CheckpointError as e:
+        out["fault"] = {"type": type(e).__name__, "msg": str(e), "failed": sorted(getattr(e, "failed_ranks", {}))}
+    StagingPool.stage = orig  # type: ignore[method-assign]
+    out["steps"] = mgr.steps()
+
+    # A model with BatchNorm: DDP's forward broadcasts rank 0's buffers into the other ranks' buffers, so it
+    # must wait for the copy too. Running statistics differ per rank (different data, no SyncBatchNorm).
+    torch.manual_seed(0)
+    bn_model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.BatchNorm1d(WIDTH))
+    bn_ddp = DDP(bn_model)
+    bn_ddp(torch.randn(8, WIDTH, generator=torch.Generator().manual_seed(rank)) * (rank + 1))
+    want = bn_model[1].running_mean.clone()
+    gate.clear()
+    StagingPool.stage = held  # type: ignore[method-assign]
+    pending = mgr.save(3, {"bn": bn_model}, blocking=False)
+    threading.Timer(0.3, gate.set).start()
+    bn_ddp(torch.randn(8, WIDTH) + 5)  # broadcasts buffers, then updates them
+    StagingPool.stage = orig  # type: ignore[method-assign]
+    pending.wait()
+    out["bn_want"] = want
+    out["bn_staged"] = mgr._staging._bufs["bn/1.running_mean"].clone()
+    out["bn_now"] = bn_model[1].running_mean.clone()
     mgr.close()
     return out
 

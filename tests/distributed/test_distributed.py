@@ -162,6 +162,30 @@ def test_ddp_two_ranks(tmp_path: Path) -> None:
     assert sd["sampler"] == {"rank": 0, "pos": 100}
 
 
+@pytest.mark.timeout(180)
+def test_ddp_overlap_staging(tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    outs = values(run_ranks(W.ddp_overlap, 2, root, timeout=150))
+    for r, o in enumerate(outs):
+        assert o["step"] == 1
+        assert_bit_equal(o["saved"], outs[0]["saved"], f"DDP replica {r}")
+        # Training went on right after save() returned, yet the step holds the state at call time.
+        assert not torch.equal(o["after"]["model"]["0.weight"], o["saved"]["model"]["0.weight"])
+        # Rank 1 changed a weight before its copy was made: every rank fails, naming rank 1; nothing committed.
+        assert o["fault"] is not None and o["fault"]["type"] in ("StateChangedError", "DistributedSaveError"), o
+        assert "changed in place" in o["fault"]["msg"], o["fault"]
+        assert o["steps"] == [1]
+        # DDP forward (buffer broadcast + BatchNorm update) waited: this rank's copy holds its own values.
+        assert torch.equal(o["bn_staged"], o["bn_want"]) and not torch.equal(o["bn_now"], o["bn_want"]), r
+    assert not torch.equal(outs[0]["bn_want"], outs[1]["bn_want"])  # else the test would prove nothing
+    assert outs[0]["fault"]["type"] == "DistributedSaveError" and outs[0]["fault"]["failed"] == [1]
+    with CheckpointManager(root) as mgr:
+        assert mgr.steps() == [1, 3]
+        sd = mgr.load(1)
+    assert_bit_equal(sd["model"], outs[0]["saved"]["model"])
+    assert_bit_equal(sd["optim"]["state"], outs[0]["saved"]["optim"]["state"])
+
+
 @pytest.mark.timeout(240)
 def test_ddp_four_ranks_balance(tmp_path: Path) -> None:
     root = str(tmp_path / "ckpt")

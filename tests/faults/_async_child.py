@@ -2,6 +2,9 @@
 
     python _async_child.py ROOT MODE [STORAGE_OPTIONS_JSON]    # MODE: sigkill | os_exit | normal_exit
 
+With ``CKPT_TEST_OVERLAP=1`` the manager uses ``overlap_staging=True``: the process may then leave while the
+staging copy itself still runs.
+
 ROOT is any URL (a local path, s3://...). Every write of the background save is slowed down (a ``delay`` fault
 of :class:`tests.fixtures.faulty.FaultyStorage`), so the process leaves while the save is in flight.
 """
@@ -22,7 +25,8 @@ from tests.fixtures.faulty import Fault, inject
 def main() -> None:
     root, mode = sys.argv[1], sys.argv[2]
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
-    mgr = CheckpointManager(root, storage_options=opts)
+    overlap = os.environ.get("CKPT_TEST_OVERLAP") == "1"
+    mgr = CheckpointManager(root, storage_options=opts, overlap_staging=overlap)
     mgr.save(1, {"w": torch.ones(1 << 20)})
     # Make the background write take long enough that the process leaves mid-way.
     inject(mgr, Fault("delay", op="write", seconds=0.5, times=None))

@@ -25,14 +25,15 @@ def _cmd(root: str, mode: str, opts: dict[str, Any] | None = None) -> list[str]:
     return [sys.executable, str(CHILD), root, mode, *([json.dumps(opts)] if opts else [])]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+def _env(overlap: bool = False) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "CKPT_TEST_OVERLAP": "1" if overlap else "0"}
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["staged", "overlap_staging"])
 @pytest.mark.parametrize("mode", ["sigkill", "os_exit"])
-def test_crash_before_commit_leaves_no_step(tmp_path: Path, mode: str) -> None:
+def test_crash_before_commit_leaves_no_step(tmp_path: Path, mode: str, overlap: bool) -> None:
     root = tmp_path / "ck"
-    proc = subprocess.run(_cmd(str(root), mode), capture_output=True, text=True, timeout=100, env=_env())
+    proc = subprocess.run(_cmd(str(root), mode), capture_output=True, text=True, timeout=100, env=_env(overlap))
     assert "PENDING" in proc.stdout, proc.stderr[-2000:]
     mgr = CheckpointManager(str(root))
     assert mgr.steps() == [1]
@@ -41,9 +42,12 @@ def test_crash_before_commit_leaves_no_step(tmp_path: Path, mode: str) -> None:
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == ["step-000000000001"]
 
 
-def test_normal_exit_finishes_the_pending_save(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["staged", "overlap_staging"])
+def test_normal_exit_finishes_the_pending_save(tmp_path: Path, overlap: bool) -> None:
     root = tmp_path / "ck"
-    proc = subprocess.run(_cmd(str(root), "normal_exit"), capture_output=True, text=True, timeout=100, env=_env())
+    proc = subprocess.run(
+        _cmd(str(root), "normal_exit"), capture_output=True, text=True, timeout=100, env=_env(overlap)
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     mgr = CheckpointManager(str(root))
     assert mgr.steps() == [1, 2]

@@ -1,0 +1,102 @@
+"""Overlapped staging: the staging copy of an async save runs while training goes on, and the places where
+training changes its state in place wait for it.
+
+With ``CheckpointManager(..., overlap_staging=True)``, ``save(..., blocking=False)`` returns after flattening
+the state (milliseconds); the copy into staging memory then runs on a background thread while the next batch
+is loaded and the forward and backward passes run. Two process-wide hooks, installed on the first such save,
+keep the snapshot equal to the state at call time:
+
+* every ``torch.optim.Optimizer.step()`` (a global optimizer step pre-hook) waits until the copy is done: it is
+  what changes parameters and optimizer state;
+* the forward of a module that owns buffers (a global forward pre-hook) waits too: BatchNorm updates its running
+  statistics in forward; so does the forward of a ``DistributedDataParallel`` wrapper of a model with
+  buffers, which broadcasts them.
+
+Anything else that changes a saved tensor in place before the copy is done (a hand-written EMA update, ``with
+torch.no_grad(): p.mul_(...)``) must call ``PendingSave.wait_staged()`` first. Such a change is caught by the
+tensors' version counters: the save then fails with :class:`~ckptstore.errors.StateChangedError` instead of
+writing a mix of old and new values. (Writes that bypass autograd's version counter, e.g. through ``.data`` or
+a NumPy view, cannot be seen; use ``overlap_staging=False``, the default, if training does that.)
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+_lock = threading.Lock()
+_in_flight: set[Copy] = set()
+_installed = False
+
+
+class Copy:
+    """One staging copy in flight: hooks wait on it; ``waited`` sums the seconds training waited for it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.waited = 0.0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.event.wait(timeout)
+
+
+def begin() -> Copy:
+    """Register a staging copy that is about to start; hooks wait for it until :func:`end` is called."""
+    global _installed
+    copy = Copy()
+    with _lock:
+        if not _installed:
+            # Installed once per process and never removed: torch iterates the optimizer hook dict while
+            # calling hooks, so removing one from another thread could break a running step. While no copy is
+            # in flight, each hook is one truthiness test.
+            register_optimizer_step_pre_hook(_optimizer_pre_hook)
+            register_module_forward_pre_hook(_forward_pre_hook)
+            _installed = True
+        _in_flight.add(copy)
+    return copy
+
+
+def end(copy: Copy) -> None:
+    """The staging copy finished (or failed): release whoever waits for it."""
+    with _lock:
+        _in_flight.discard(copy)
+    copy.event.set()
+
+
+def wait_all() -> None:
+    """Block until no staging copy is in flight (what the hooks do)."""
+    with _lock:
+        copies = list(_in_flight)
+    for c in copies:
+        t0 = time.perf_counter()
+        c.event.wait()
+        c.waited += time.perf_counter() - t0
+
+
+def _optimizer_pre_hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+    if _in_flight:
+        wait_all()
+
+
+def _forward_pre_hook(module: torch.nn.Module, args: Any) -> None:
+    if _in_flight and (module._buffers or _syncs_buffers(module)):
+        wait_all()
+
+
+def _syncs_buffers(module: torch.nn.Module) -> bool:
+    # DDP broadcasts the wrapped model's buffers from rank 0 at the start of its own forward, before the
+    # forward hooks of the wrapped modules run.
+    ddp = sys.modules.get("torch.nn.parallel.distributed")
+    if ddp is None or not isinstance(module, ddp.DistributedDataParallel):
+        return False
+    will_sync = getattr(module, "will_sync_module_buffers", None)
+    return bool(will_sync()) if callable(will_sync) else True
+
+
+__all__ = ["Copy", "begin", "end", "wait_all"]
