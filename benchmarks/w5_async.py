@@ -12,7 +12,8 @@ default 25: an optimizer step every ~0.1 s, as for a model whose weights and Ada
 2. a warm-up async save, training until it completes (its blocking part is reported as the first save's:
    staging memory is allocated then);
 3. a synchronous save and an asynchronous save, in an order alternating with the round, each to a new step and
-   durable (fsync) when it completes. For the async save: ``blocking`` = time until ``save()`` returns plus,
+   durable (fsync) when it completes, each right after an optimizer step (where training loops save). For
+   the async save: ``blocking`` = time until ``save()`` returns plus,
    for ``ckptstore:overlap=true`` (``overlap_staging``), the time optimizer steps waited in ckptstore's hook
    for the staging copy (``SaveResult.staging_wait_seconds``; the excess time of the optimizer steps as timed
    here is reported too, ``opt_excess_s``, and also holds CPU contention); ``until committed`` = time until
@@ -71,6 +72,11 @@ class Trainer:
             self.opt.step()
             self.waited += max(0.0, time.perf_counter() - t0 - self.opt_alone)
 
+    def to_boundary(self) -> None:
+        """Train until an optimizer step was just taken: training loops save at step boundaries."""
+        while self.n % self.accum:
+            self.step()
+
     def rate(self, seconds: float) -> float:
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -110,6 +116,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {}
     try:
         t0 = time.perf_counter()
+        trainer.to_boundary()
         trainer.waited = 0.0
         h = sess.async_save(1)
         res["first_block_s"] = time.perf_counter() - t0
@@ -119,6 +126,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         res["first_total_s"] = time.perf_counter() - t0
         order = ["sync", "async"] if job.get("round", 0) % 2 == 0 else ["async", "sync"]
         for step, kind in enumerate(order, start=2):
+            trainer.to_boundary()
             t0 = time.perf_counter()
             if kind == "sync":
                 sess.sync_save(step)

@@ -3,8 +3,9 @@ training changes its state in place wait for it.
 
 With ``CheckpointManager(..., overlap_staging=True)``, ``save(..., blocking=False)`` returns after flattening
 the state (milliseconds); the copy into staging memory then runs on a background thread while the next batch
-is loaded and the forward and backward passes run. Two process-wide hooks, installed on the first such save,
-keep the snapshot equal to the state at call time:
+is loaded and the forward and backward passes run. Two process-wide hooks keep the snapshot equal to the state
+at call time (the optimizer hook stays from the first such save on; the forward hook is there only while a
+copy runs):
 
 * every ``torch.optim.Optimizer.step()`` (a global optimizer step pre-hook) waits until the copy is done: it is
   what changes parameters and optimizer state;
@@ -32,7 +33,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 _lock = threading.Lock()
 _in_flight: set[Copy] = set()
-_installed = False
+_optimizer_hook_installed = False
+_forward_hook: Any = None
 
 
 class Copy:
@@ -48,24 +50,30 @@ class Copy:
 
 def begin() -> Copy:
     """Register a staging copy that is about to start; hooks wait for it until :func:`end` is called."""
-    global _installed
+    global _optimizer_hook_installed, _forward_hook
     copy = Copy()
     with _lock:
-        if not _installed:
-            # Installed once per process and never removed: torch iterates the optimizer hook dict while
-            # calling hooks, so removing one from another thread could break a running step. While no copy is
-            # in flight, each hook is one truthiness test.
+        if not _optimizer_hook_installed:
+            # Never removed: torch iterates the optimizer hook dict while calling the hooks, so removing one from
+            # another thread could break a running step. Once per optimizer step it costs one truthiness test.
             register_optimizer_step_pre_hook(_optimizer_pre_hook)
-            register_module_forward_pre_hook(_forward_pre_hook)
-            _installed = True
+            _optimizer_hook_installed = True
+        if _forward_hook is None:
+            # Only while a copy is in flight: any global forward hook takes every module call off torch's fast
+            # path (~2 us per call). torch copies this dict before calling the hooks, so removal is safe.
+            _forward_hook = register_module_forward_pre_hook(_forward_pre_hook)
         _in_flight.add(copy)
     return copy
 
 
 def end(copy: Copy) -> None:
     """The staging copy finished (or failed): release whoever waits for it."""
+    global _forward_hook
     with _lock:
         _in_flight.discard(copy)
+        if not _in_flight and _forward_hook is not None:
+            _forward_hook.remove()
+            _forward_hook = None
     copy.event.set()
 
 

@@ -162,3 +162,20 @@ def test_overlap_staging_option(tmp_path: Path) -> None:
     mgr.close()
     with pytest.raises(ConfigError, match="overlap_staging"):
         CheckpointManager.from_config({"root": str(tmp_path / "c"), "overlap_staging": 1})
+
+
+def test_forward_hook_only_while_a_copy_runs(tmp_path: Path, gate: threading.Event) -> None:
+    # A global forward hook takes every module call off torch's fast path: it must not outlive the copy.
+    from torch.nn.modules import module as nn_module
+
+    from ckptstore import overlap
+
+    def ours() -> bool:
+        return any(h is overlap._forward_pre_hook for h in nn_module._global_forward_pre_hooks.values())
+
+    with _mgr(tmp_path) as mgr:
+        pending = mgr.save(1, {"w": torch.ones(4)}, blocking=False)
+        assert ours()
+        gate.set()
+        pending.wait()
+        assert not ours()
