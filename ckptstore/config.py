@@ -86,8 +86,8 @@ class ManagerConfig:
     async_save: bool = False
     """``save()`` returns a pending handle by default instead of blocking until the commit."""
     overlap_staging: bool = False
-    """Async saves copy the state to staging memory in the background too; optimizer steps and forwards of
-    modules with buffers wait for the copy (see ``ckptstore.overlap``)."""
+    """Async saves copy the state to staging memory in the background too; optimizer steps and forwards that
+    change large buffers wait for the copy (see ``ckptstore.overlap``)."""
     allow_pickle: bool = False
     """Allow pickling values that are neither tensors, Stateful objects nor JSON values."""
     timeout_seconds: float | None = None

@@ -459,6 +459,8 @@ class CheckpointManager:
 
         With ``blocking=False`` the state is first copied to staging memory (so training may change it right
         away) and the write, commit and retention run in the background; a :class:`PendingSave` is returned.
+        With ``overlap_staging=True`` (manager option) that copy runs in the background as well, and optimizer
+        steps wait for it (see :mod:`ckptstore.overlap`).
         """
         self._check_open()
         step = _check_step(step)
@@ -487,10 +489,13 @@ class CheckpointManager:
             if not blocking and self.overlap_staging:
                 # Only what is cheap is taken now; the copy itself overlaps the next forward/backward.
                 boxes = self._boxes(flat)
-                versions = {k: _version_of(b[0]) for k, b in boxes.items()}
+                # Small tensors now (buffers that forwards change, even compiled ones); the rest is watched by
+                # version counter until its copy is made.
+                early = {k: self._staging.stage(k, b[0]) for k, b in boxes.items() if overlap.is_small(b[0])}
+                versions = {k: _version_of(b[0]) for k, b in boxes.items() if k not in early}
                 pickled = {k: _pickle_tensor(o) for k, o in flat.pickles.items()}
                 job = _SaveJob(step, flat.tree, {}, [], epoch, metrics, metadata, created_at, t0)
-                return self._save_overlapped(job, flat, boxes, versions, pickled)
+                return self._save_overlapped(job, flat, boxes, versions, pickled, early)
             sources, specs = self._sources(flat, stage=not blocking)
             job = _SaveJob(step, flat.tree, sources, specs, epoch, metrics, metadata, created_at, t0)
         except Exception as e:
@@ -524,6 +529,7 @@ class CheckpointManager:
         boxes: dict[str, _Box],
         versions: dict[str, int | None],
         pickled: dict[str, torch.Tensor],
+        early: dict[str, torch.Tensor],
     ) -> PendingSave:
         """Start the staging copy and then the write on a fresh thread; return at once (``overlap_staging``)."""
         copy = overlap.begin()
@@ -535,7 +541,7 @@ class CheckpointManager:
         def run() -> None:
             try:
                 try:
-                    job.sources, job.specs = self._sources(flat, stage=True, boxes=boxes, pickled=pickled)
+                    job.sources, job.specs = self._sources(flat, stage=True, boxes=boxes, pickled=pickled, staged=early)
                     _check_unchanged(job.step, boxes, versions)
                 finally:
                     overlap.end(copy)  # training may go on, even if the copy failed
@@ -567,14 +573,18 @@ class CheckpointManager:
         stage: bool,
         boxes: dict[str, _Box] | None = None,
         pickled: dict[str, torch.Tensor] | None = None,
+        staged: dict[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, Source], list[LocalSpec]]:
+        """Sources and specs of ``flat``; ``staged`` holds tensors already copied to staging buffers."""
         sources: dict[str, Source] = {}
         specs: list[LocalSpec] = []
         order = 0
-        staged: dict[str, torch.Tensor] = {}
+        staged = dict(staged or {})
         if boxes is None:
             boxes = self._boxes(flat)
-        todo = [(key, box[0]) for key, box in boxes.items() if stage or box[0].device.type != "cpu"]
+        todo = [
+            (key, box[0]) for key, box in boxes.items() if key not in staged and (stage or box[0].device.type != "cpu")
+        ]
         if todo:
             # A snapshot in reused host buffers: later training steps cannot change what gets written, and no
             # fresh memory is touched after the first save. Copies run on the I/O threads (torch releases the

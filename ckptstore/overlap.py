@@ -9,9 +9,10 @@ copy runs):
 
 * every ``torch.optim.Optimizer.step()`` (a global optimizer step pre-hook) waits until the copy is done: it is
   what changes parameters and optimizer state;
-* the forward of a module that owns buffers (a global forward pre-hook) waits too: BatchNorm updates its running
-  statistics in forward; so does the forward of a ``DistributedDataParallel`` wrapper of a model with
-  buffers, which broadcasts them.
+* tensors up to ``SMALL_BYTES`` (64 KiB) are copied before ``save()`` returns: forwards change buffers such as
+  BatchNorm's running statistics in place, also inside compiled graphs that no hook sees;
+* the forward of a module that owns a larger buffer (a global forward pre-hook) waits for the copy, as does
+  the forward of a ``DistributedDataParallel`` wrapper that broadcasts such buffers.
 
 Anything else that changes a saved tensor in place before the copy is done (a hand-written EMA update, ``with
 torch.no_grad(): p.mul_(...)``) must call ``PendingSave.wait_staged()`` first. Such a change is caught by the
@@ -30,6 +31,11 @@ from typing import Any
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+SMALL_BYTES = 64 * 1024
+"""Tensors up to this size are copied when ``save()`` is called, not in the background. That covers what
+forwards change in place: BatchNorm statistics and counters, step counts. Compiled graphs (``torch.compile``)
+and DDP's buffer broadcast change them without passing through a hook, and copying them costs microseconds."""
 
 _lock = threading.Lock()
 _in_flight: set[Copy] = set()
@@ -92,19 +98,30 @@ def _optimizer_pre_hook(optimizer: Any, args: Any, kwargs: Any) -> None:
         wait_all()
 
 
+def is_small(t: torch.Tensor) -> bool:
+    """Copied at call time even with overlapped staging (see ``SMALL_BYTES``)."""
+    return t.numel() * t.element_size() <= SMALL_BYTES
+
+
 def _forward_pre_hook(module: torch.nn.Module, args: Any) -> None:
-    if _in_flight and (module._buffers or _syncs_buffers(module)):
+    if _in_flight and (_has_large(module._buffers.values()) or _syncs_large_buffers(module)):
         wait_all()
 
 
-def _syncs_buffers(module: torch.nn.Module) -> bool:
+def _has_large(tensors: Any) -> bool:
+    return any(t is not None and not is_small(t) for t in tensors)
+
+
+def _syncs_large_buffers(module: torch.nn.Module) -> bool:
     # DDP broadcasts the wrapped model's buffers from rank 0 at the start of its own forward, before the
     # forward hooks of the wrapped modules run.
     ddp = sys.modules.get("torch.nn.parallel.distributed")
     if ddp is None or not isinstance(module, ddp.DistributedDataParallel):
         return False
     will_sync = getattr(module, "will_sync_module_buffers", None)
-    return bool(will_sync()) if callable(will_sync) else True
+    if callable(will_sync) and not will_sync():
+        return False
+    return _has_large(getattr(module, "modules_buffers", None) or module.buffers())
 
 
-__all__ = ["Copy", "begin", "end", "wait_all"]
+__all__ = ["SMALL_BYTES", "Copy", "begin", "end", "is_small", "wait_all"]

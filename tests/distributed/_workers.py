@@ -166,6 +166,18 @@ def ddp_two_ranks(rank: int, world: int, root: str) -> dict[str, Any]:
     return out
 
 
+class Accumulator(nn.Module):
+    """Adds its input's mean to a 128 KiB buffer in every forward (a buffer too large to be copied at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("acc", torch.zeros(32768))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.acc.add_(x.detach().mean())
+        return x
+
+
 def ddp_overlap(rank: int, world: int, root: str) -> dict[str, Any]:
     """``overlap_staging``: async saves while DDP training goes straight on; then rank 1 alone changes a saved
     tensor behind the optimizer's back, which must fail the save on every rank."""
@@ -174,13 +186,13 @@ def ddp_overlap(rank: int, world: int, root: str) -> dict[str, Any]:
     from ckptstore.staging import StagingPool
 
     mgr = CheckpointManager(root, io=IOOptions(timeout_seconds=60), overlap_staging=True)
-    model = make_mlp(layers=4, seed=0)
+    model = make_mlp(layers=4, width=256, seed=0)  # 256 KiB weights: copied in the background
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     ddp = DDP(model)
-    train(ddp, opt, 2, rank, WIDTH)
+    train(ddp, opt, 2, rank, 256)
     pending = mgr.save(1, {"model": model, "optim": opt}, blocking=False)
     saved = snapshot(model, opt)  # reading is always allowed
-    train(ddp, opt, 2, rank, WIDTH, seed=1)  # the first optimizer step waits for the copy
+    train(ddp, opt, 2, rank, 256, seed=1)  # the first optimizer step waits for the copy
     res = pending.wait()
     out: dict[str, Any] = {"saved": saved, "after": snapshot(model, opt), "step": res.step}
 
@@ -189,7 +201,8 @@ def ddp_overlap(rank: int, world: int, root: str) -> dict[str, Any]:
     orig = StagingPool.stage
 
     def held(self: StagingPool, key: str, t: torch.Tensor) -> torch.Tensor:
-        gate.wait(30)
+        if threading.current_thread() is not threading.main_thread():  # save() copies small tensors itself
+            gate.wait(30)
         return orig(self, key, t)
 
     if rank == 1:
@@ -207,23 +220,22 @@ def ddp_overlap(rank: int, world: int, root: str) -> dict[str, Any]:
     StagingPool.stage = orig  # type: ignore[method-assign]
     out["steps"] = mgr.steps()
 
-    # A model with BatchNorm: DDP's forward broadcasts rank 0's buffers into the other ranks' buffers, so it
-    # must wait for the copy too. Running statistics differ per rank (different data, no SyncBatchNorm).
-    torch.manual_seed(0)
-    bn_model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.BatchNorm1d(WIDTH))
-    bn_ddp = DDP(bn_model)
-    bn_ddp(torch.randn(8, WIDTH, generator=torch.Generator().manual_seed(rank)) * (rank + 1))
-    want = bn_model[1].running_mean.clone()
+    # A buffer above overlap.SMALL_BYTES that forward changes: DDP's forward broadcasts rank 0's buffers into the
+    # other ranks' buffers before any hook of the wrapped modules runs, so the DDP forward itself must wait.
+    acc_model = nn.Sequential(nn.Linear(WIDTH, WIDTH), Accumulator())
+    acc_ddp = DDP(acc_model)
+    acc_ddp(torch.full((8, WIDTH), float(rank + 1)))  # the ranks' buffers differ now
+    want = acc_model[1].acc.clone()
     gate.clear()
     StagingPool.stage = held  # type: ignore[method-assign]
-    pending = mgr.save(3, {"bn": bn_model}, blocking=False)
+    pending = mgr.save(3, {"bn": acc_model}, blocking=False)
     threading.Timer(0.3, gate.set).start()
-    bn_ddp(torch.randn(8, WIDTH) + 5)  # broadcasts buffers, then updates them
+    acc_ddp(torch.full((8, WIDTH), 5.0))  # broadcasts buffers, then changes them
     StagingPool.stage = orig  # type: ignore[method-assign]
     pending.wait()
     out["bn_want"] = want
-    out["bn_staged"] = mgr._staging._bufs["bn/1.running_mean"].clone()
-    out["bn_now"] = bn_model[1].running_mean.clone()
+    out["bn_staged"] = mgr._staging._bufs["bn/1.acc"].clone()
+    out["bn_now"] = acc_model[1].acc.clone()
     mgr.close()
     return out
 

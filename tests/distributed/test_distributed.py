@@ -175,7 +175,7 @@ def test_ddp_overlap_staging(tmp_path: Path) -> None:
         assert o["fault"] is not None and o["fault"]["type"] in ("StateChangedError", "DistributedSaveError"), o
         assert "changed in place" in o["fault"]["msg"], o["fault"]
         assert o["steps"] == [1]
-        # DDP forward (buffer broadcast + BatchNorm update) waited: this rank's copy holds its own values.
+        # The DDP forward (buffer broadcast, then the buffer's update) waited: this rank's copy holds its own values.
         assert torch.equal(o["bn_staged"], o["bn_want"]) and not torch.equal(o["bn_now"], o["bn_want"]), r
     assert not torch.equal(outs[0]["bn_want"], outs[1]["bn_want"])  # else the test would prove nothing
     assert outs[0]["fault"]["type"] == "DistributedSaveError" and outs[0]["fault"]["failed"] == [1]
