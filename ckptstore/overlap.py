@@ -17,8 +17,10 @@ copy runs):
 Anything else that changes a saved tensor in place before the copy is done (a hand-written EMA update, ``with
 torch.no_grad(): p.mul_(...)``) must call ``PendingSave.wait_staged()`` first. Such a change is caught by the
 tensors' version counters: the save then fails with :class:`~ckptstore.errors.StateChangedError` instead of
-writing a mix of old and new values. (Writes that bypass autograd's version counter, e.g. through ``.data`` or
-a NumPy view, cannot be seen; use ``overlap_staging=False``, the default, if training does that.)
+writing a mix of old and new values. That net has holes: writes that bypass autograd's version counter (through
+``.data`` or a NumPy view) cannot be seen, and torch bumps the counter when an in-place op ends, so an op still
+running at the moment a tensor's copy is checked goes unnoticed. Use ``overlap_staging=False``, the default,
+unless training changes saved tensors only through optimizer steps and forwards.
 """
 
 from __future__ import annotations
