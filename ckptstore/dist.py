@@ -63,6 +63,15 @@ class Comm:
     def barrier(self, *, what: str = "barrier") -> None:
         return None
 
+    def sibling(self) -> Comm:
+        """A communicator over the same ranks whose collectives never interleave with this one's.
+
+        A background save runs its collectives on another thread than the training loop; two threads sharing
+        one group could issue collectives in a different order on different ranks and pair the wrong messages.
+        Collective call on every rank for torch.distributed (it creates a group).
+        """
+        return self
+
 
 LocalComm = Comm
 
@@ -120,6 +129,11 @@ class TorchComm(Comm):
 
     def barrier(self, *, what: str = "barrier") -> None:
         self._call(what, lambda: self._dist.barrier(group=self.group))
+
+    def sibling(self) -> Comm:
+        ranks = self._dist.get_process_group_ranks(self.group)
+        group = self._dist.new_group(ranks=ranks, backend="gloo", timeout=self.timeout)
+        return TorchComm(self.timeout.total_seconds(), group=group, store=self._store)
 
     # -- failure handling -------------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T]) -> T:

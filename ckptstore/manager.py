@@ -1509,7 +1509,9 @@ class CheckpointManager:
             every_steps=every_steps,
             every_seconds=every_seconds,
             signals=DEFAULT_SIGNALS if signals is None else tuple(signals),
-            comm=self.comm,
+            # Its own group: should_save() runs on the training thread while a background save may be running
+            # collectives on this manager's group.
+            comm=self.comm.sibling(),
         )
 
     def wait(self) -> SaveResult | None:

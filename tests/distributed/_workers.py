@@ -240,6 +240,33 @@ def ddp_overlap(rank: int, world: int, root: str) -> dict[str, Any]:
     return out
 
 
+def schedule_during_async_save(rank: int, world: int, root: str) -> dict[str, Any]:
+    """``mgr.on_preemption()``'s agreement runs on the training thread while a background save runs its own
+    collectives. Rank 1's background save is held until its ``should_save`` returned, so the two ranks start
+    the two collectives in opposite orders; on one shared group they would pair the wrong messages."""
+    mgr = CheckpointManager(root, io=IOOptions(timeout_seconds=20))
+    schedule = mgr.on_preemption(signals=(), every_steps=2)
+    go = threading.Event()
+    orig = mgr._run_save
+
+    def held(job: Any) -> Any:
+        go.wait(30)
+        return orig(job)
+
+    if rank == 1:
+        mgr._run_save = held  # type: ignore[method-assign]
+    pending = mgr.save(1, {"w": torch.full((1000,), float(rank))}, blocking=False)
+    if rank == 0:
+        time.sleep(0.5)  # rank 0's background save is inside its first collective by now
+    t0 = time.monotonic()
+    decisions = [schedule.should_save(2), schedule.should_save(3)]
+    go.set()
+    res = pending.wait()
+    out = {"decisions": decisions, "step": res.step, "agree_seconds": time.monotonic() - t0, "steps": mgr.steps()}
+    mgr.close()
+    return out
+
+
 def ddp_balance(rank: int, world: int, root: str, layers: int) -> dict[str, Any]:
     """Save a DDP model of many equal layers + Adam, then restore it over perturbed parameters."""
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -186,6 +186,14 @@ def test_ddp_overlap_staging(tmp_path: Path) -> None:
     assert_bit_equal(sd["optim"]["state"], outs[0]["saved"]["optim"]["state"])
 
 
+@pytest.mark.timeout(120)
+def test_preemption_agreement_during_an_async_save(tmp_path: Path) -> None:
+    outs = values(run_ranks(W.schedule_during_async_save, 2, str(tmp_path / "ckpt"), timeout=90))
+    for o in outs:
+        assert o["decisions"] == [True, False] and o["step"] == 1 and o["steps"] == [1]
+        assert o["agree_seconds"] < 15  # agreed at once, not after a collective timed out
+
+
 @pytest.mark.timeout(240)
 def test_ddp_four_ranks_balance(tmp_path: Path) -> None:
     root = str(tmp_path / "ckpt")
