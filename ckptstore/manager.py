@@ -487,10 +487,9 @@ class CheckpointManager:
                 )
                 blocking = True
             if not blocking and self.overlap_staging:
-                # Only what is cheap is taken now; the copy itself overlaps the next forward/backward.
+                # Only what is cheap is taken now: small tensors (buffers that forwards change, compiled ones
+                # too). The rest is copied while the next forward/backward runs, watched by version counter.
                 boxes = self._boxes(flat)
-                # Small tensors now (buffers that forwards change, even compiled ones); the rest is watched by
-                # version counter until its copy is made.
                 early = {k: self._staging.stage(k, b[0]) for k, b in boxes.items() if overlap.is_small(b[0])}
                 versions = {k: _version_of(b[0]) for k, b in boxes.items() if k not in early}
                 pickled = {k: _pickle_tensor(o) for k, o in flat.pickles.items()}
@@ -559,7 +558,11 @@ class CheckpointManager:
 
         # A thread of its own, not an executor: executors refuse new work once the interpreter starts to exit,
         # and a save whose copy is already running should still commit then.
-        threading.Thread(target=run, name=f"ckpt-overlap-{job.step}").start()
+        try:
+            threading.Thread(target=run, name=f"ckpt-overlap-{job.step}").start()
+        except BaseException:
+            overlap.end(copy)  # never leave optimizer steps waiting for a copy that will not run
+            raise
         self._pending = PendingSave(job.step, fut, copy)
         return self._pending
 
