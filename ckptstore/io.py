@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import crc32c as _crc
 import torch
 
-from .errors import IntegrityError
+from .errors import IntegrityError, UnsupportedValueError
 from .format.manifest import Piece, TensorEntry
 from .format.safetensors import HeaderEntry, build_header, st_dtype_and_shape
 from .options import IOOptions
@@ -81,11 +81,22 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A flat byte view of a contiguous CPU tensor (no copy)."""
+    """A flat byte view of a contiguous CPU tensor (no copy), exactly as long as the tensor's own bytes.
+
+    The length is checked against the tensor's real storage: for sub-byte dtypes (``quint4x2``...) ``numel *
+    element_size`` exceeds the allocation, and a view that long would let a read write past it.
+    """
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("tensor_bytes needs a contiguous CPU tensor")
     if t.numel() == 0:
         return memoryview(b"")
+    want = t.numel() * t.element_size()
+    have = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    if want > have:
+        raise UnsupportedValueError(
+            f"a {t.dtype} tensor of {t.numel()} elements claims {want} bytes but its storage holds {have}: "
+            "sub-byte and quantized dtypes cannot be read or written as raw bytes"
+        )
     if t.dim():
         # Fast path (~3x cheaper per tensor, which matters for 10k-tensor states): numpy view of the tensor.
         try:

@@ -232,6 +232,10 @@ class _ReadCtx:
     maps: dict[str, Any] = field(default_factory=dict)
     mapped: list[tuple[str, Piece, memoryview]] = field(default_factory=list)
     """Pieces that are mapped, not read: only their checksums are checked."""
+    written: dict[tuple[int, int], str] = field(default_factory=dict)
+    """Target memory (address, bytes) that the reads overwrite before they are verified, by state path."""
+    covered: set[tuple[int, int]] = field(default_factory=set)
+    """Target memory this pass sets in full once it verified (read into directly or copied in afterwards)."""
 
 
 class CheckpointManager:
@@ -1082,12 +1086,15 @@ class CheckpointManager:
         if not cands:
             raise CheckpointNotFoundError(f"no committed step under {self.url}")
         last: BaseException | None = None
+        # Target memory that failed attempts already overwrote with unverified bytes: a fallback step must set
+        # all of it again, or the state would mix two steps.
+        dirty: dict[tuple[int, int], str] = {}
         for i, (s, tier) in enumerate(cands):
             err: BaseException | None = None
             self._restoring.add(s)
             try:
                 m = self._manifest(s, tier)
-                self._restore_from(m, state, map_location, strict, verify, trusted, self._tier(tier))
+                self._restore_from(m, state, map_location, strict, verify, trusted, self._tier(tier), dirty=dirty)
             except Exception as e:  # every rank must reach the all_gather below, whatever went wrong here
                 err = _typed_os_error(e, f"step {s} could not be read from {self._tier(tier).url}")
                 if err is not e:
@@ -1198,7 +1205,11 @@ class CheckpointManager:
         verify: bool | None,
         trusted: bool,
         storage: Storage | None = None,
+        *,
+        dirty: dict[tuple[int, int], str] | None = None,
     ) -> None:
+        """Restore ``m`` into ``state``. ``dirty`` holds target memory earlier failed attempts overwrote; this
+        attempt refuses before reading unless it sets all of it again, and adds what its own reads overwrite."""
         self._check_trust(m, trusted)
         rc = _ReadCtx(m, map_location, self.comm.rank, storage)
         root = m.tree
@@ -1236,6 +1247,18 @@ class CheckpointManager:
                 missing=rc.missing,
                 unexpected=rc.unexpected,
             )
+        if dirty is not None:
+            left = [path for region, path in dirty.items() if region not in rc.covered]
+            if left:
+                shown = ", ".join(repr(p) for p in left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+                raise StateMismatchError(
+                    f"cannot fall back to step {m.step}: a newer step that failed verification was already read "
+                    f"into {shown}, and step {m.step} has no value for them, so the state would mix two steps. "
+                    "Nothing else was changed; re-create these objects (or restore a step that has them) before "
+                    "training on",
+                    missing=left,
+                )
+            dirty.update(rc.written)
         read_pieces(storage or self.storage, step_dir(m.step), rc.tasks, self._io_for(verify), step=m.step)
         for fn in rc.deferred:
             fn()
@@ -1461,7 +1484,10 @@ class CheckpointManager:
         if local.device.type == "meta":
             return
         dt = e.torch_dtype
+        region = (local.data_ptr(), local.numel() * local.element_size())
+        rc.covered.add(region)
         if local.device.type == "cpu" and local.is_contiguous() and local.dtype == dt:
+            rc.written[region] = path
             rc.tasks.extend(plan_fill(key, e, local, offs))
             return
         # Different device, dtype or layout: read into a CPU temporary, copy once everything verified.
