@@ -287,7 +287,11 @@ class CheckpointManager:
             raise ConfigError(f"mirror {self.mirror_storage.url} is the same location as the root")
         self._mirror_executor: Any = None
         self._mirror_futures: list[Future[Any]] = []
+        # Steps on the primary that the mirror still lacks (queued, in flight or failed): primary retention never
+        # deletes them, and failed ones are retried at the next save, flush_mirror() and close().
         self._mirror_pending: set[int] = set()
+        self._mirror_failed: dict[int, BaseException] = {}
+        self._mirror_backlog_checked = False
         self._staging = StagingPool(self.io.staging_budget_bytes)
         self._lock = threading.Lock()
         self._pending: PendingSave | None = None
@@ -904,14 +908,30 @@ class CheckpointManager:
         return tuple(deleted)
 
     # -- tiered mirror ----------------------------------------------------------------------------------------------
-    def _enqueue_mirror(self, step: int) -> None:
+    def _enqueue_mirror(self, step: int | None = None) -> None:
+        """Queue ``step`` for the mirror, after every earlier step the mirror still lacks (failed uploads of this
+        process; once per manager, committed primary steps newer than anything on the mirror, i.e. uploads an
+        earlier process did not finish)."""
         from concurrent.futures import ThreadPoolExecutor
 
+        backlog: set[int] = set()
+        if not self._mirror_backlog_checked:
+            self._mirror_backlog_checked = True
+            try:
+                on_mirror = self.steps("mirror")
+                backlog = {s for s in self.steps("primary") if s > (on_mirror[-1] if on_mirror else -1)}
+            except OSError as e:
+                log.warning("could not list the mirror %s to resume unfinished uploads: %s", self.mirror_storage, e)
         with self._lock:
-            self._mirror_pending.add(step)
-            if self._mirror_executor is None:
+            todo = set(self._mirror_failed) | (backlog - self._mirror_pending)
+            if step is not None:
+                todo.add(step)
+            if todo and self._mirror_executor is None:
                 self._mirror_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-mirror")
-            self._mirror_futures.append(self._mirror_executor.submit(self._mirror_one, step))
+            for s in sorted(todo):
+                self._mirror_pending.add(s)  # from now on protected from primary retention
+                self._mirror_failed.pop(s, None)
+                self._mirror_futures.append(self._mirror_executor.submit(self._mirror_one, s))
 
     def _mirror_one(self, step: int) -> int:
         from .transfer import copy_step
@@ -929,32 +949,60 @@ class CheckpointManager:
             )
         except CheckpointExistsError:
             log.info("step %d is already on the mirror", step)
+        except CheckpointNotFoundError:
+            log.info("step %d is no longer on the primary; nothing to mirror", step)
         except Exception as e:
-            log.error("could not mirror step %d to %s: %s", step, self.mirror_storage.url, e)
-            raise
-        finally:
+            # The step stays pending (primary retention keeps it) and is retried at the next save, flush_mirror()
+            # and close().
+            log.error(
+                "could not mirror step %d to %s (kept on the primary, will retry): %s", step, self.mirror_storage.url, e
+            )
             with self._lock:
-                self._mirror_pending.discard(step)
+                self._mirror_failed[step] = e
+            raise
+        with self._lock:
+            self._mirror_pending.discard(step)
+            self._mirror_failed.pop(step, None)
         self._apply_retention(step, tier="mirror")
         return step
 
     def flush_mirror(self, timeout: float | None = None) -> list[int]:
         """Wait until every committed step queued for the mirror is copied; returns those steps.
 
-        Re-raises the first upload error (the steps stay on the primary tier; run ``ckptstore sync`` or save
-        again to retry).
+        Uploads that failed are tried once more. If some still fail, raises
+        :class:`StorageError` naming them (they stay on the primary tier, protected from its retention, and are
+        retried at the next save, ``flush_mirror()`` or ``close()``).
         """
+        if self.mirror_storage is None:
+            return []
+        done = self._drain_mirror(timeout)
+        if self._mirror_failed and self.comm.rank == 0:
+            self._enqueue_mirror()  # one more try of what failed
+            done += self._drain_mirror(timeout)
+        with self._lock:
+            failed = dict(self._mirror_failed)
+        if failed:
+            first = next(iter(failed.values()))
+            err = StorageError(
+                f"steps {_fmt_steps(sorted(failed))} could not be copied to the mirror {self.mirror_storage.url} "
+                f"({type(first).__name__}: {first}); they stay on {self.url}, kept by retention, and are retried at "
+                "the next save, flush_mirror() or close()"
+            )
+            if isinstance(first, OSError):
+                err.errno = first.errno
+            raise err from first
+        return sorted(done)
+
+    def _drain_mirror(self, timeout: float | None) -> list[int]:
+        """Wait for the queued uploads; the steps that reached the mirror (failures are in ``_mirror_failed``)."""
         with self._lock:
             futs, self._mirror_futures = self._mirror_futures, []
         done: list[int] = []
-        first: BaseException | None = None
         for f in futs:
             try:
                 done.append(f.result(timeout))
-            except Exception as e:
-                first = first or e
-        if first is not None:
-            raise first
+            except Exception:
+                pass  # recorded in _mirror_failed by _mirror_one
         return done
 
     def delete(self, step: int, *, tier: Literal["primary", "mirror"] = "primary") -> None:
