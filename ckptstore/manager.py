@@ -90,6 +90,21 @@ def _gc_paused(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _gc_after_fork_in_child() -> None:
+    # A thread of the parent may have been inside a paused save at the fork: that pause is not the child's.
+    global _gc_lock
+    import gc
+
+    _gc_lock = threading.Lock()
+    if _gc_state["depth"] and _gc_state["was_enabled"]:
+        gc.enable()
+    _gc_state.update(depth=0, was_enabled=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_gc_after_fork_in_child)
+
+
 def _dtensor_type() -> type | None:
     """DTensor's class if ``torch.distributed.tensor`` was imported, else None (then no DTensor can exist).
 
@@ -298,6 +313,7 @@ class CheckpointManager:
         self._executor: Any = None
         self._restoring: set[int] = set()
         self._closed = False
+        self._pid = os.getpid()
 
     # -- construction helpers ------------------------------------------------------------------------------
     @classmethod
@@ -975,6 +991,8 @@ class CheckpointManager:
         """
         if self.mirror_storage is None:
             return []
+        if self._pid != os.getpid():
+            self._after_fork(refuse=False)
         done = self._drain_mirror(timeout)
         if self._mirror_failed and self.comm.rank == 0:
             self._enqueue_mirror()  # one more try of what failed
@@ -1593,6 +1611,8 @@ class CheckpointManager:
 
     def wait(self) -> SaveResult | None:
         """Block until the pending background save (if any) finished; re-raise its error."""
+        if self._pid != os.getpid():
+            self._after_fork(refuse=False)
         p, self._pending = self._pending, None
         if p is None:
             return None
@@ -1605,6 +1625,8 @@ class CheckpointManager:
         """Wait for a pending save, then release resources. Safe to call twice."""
         if self._closed:
             return
+        if self._pid != os.getpid():
+            self._after_fork(refuse=False)
         try:
             self.wait()
             self.flush_mirror()  # the last checkpoint should reach the remote tier before the job ends
@@ -1620,6 +1642,29 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise CheckpointError(f"{self!r} is closed")
+        if self._pid != os.getpid():
+            self._after_fork()
+
+    def _after_fork(self, *, refuse: bool = True) -> None:
+        """First use in a forked child: the parent's threads (background save, mirror uploads, staging copies) do
+        not exist here, so nothing of theirs may be waited for. A distributed manager is refused: its process
+        group belongs to the parent."""
+        if refuse and self.comm.is_distributed:
+            raise ConfigError(
+                f"{self!r} was created in process {self._pid} and is used in forked child {os.getpid()}; its "
+                "process group belongs to the parent. Create a new CheckpointManager in the child (without the "
+                "parent's process group) instead"
+            )
+        log.debug("%r: first use in forked child %d; dropping the parent's background work", self, os.getpid())
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._pending = None  # the parent's save: the parent commits it (or not), never the child
+        self._executor = None
+        self._mirror_executor = None
+        self._mirror_futures = []
+        self._mirror_backlog_checked = False  # the parent's queued uploads are re-checked from the storage
+        self._restoring = set()
+        self._staging = StagingPool(self.io.staging_budget_bytes)
 
     # -- inference artifacts (ckptstore.artifacts) ---------------------------------------------------------------
     def save_artifact(self, step: int, name: str, obj: Any) -> Any:

@@ -25,6 +25,7 @@ unless training changes saved tensors only through optimizer steps and forwards.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -93,6 +94,22 @@ def wait_all() -> None:
         t0 = time.perf_counter()
         c.event.wait()
         c.waited += time.perf_counter() - t0
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's copy threads: nothing it waits for would ever finish."""
+    global _lock, _forward_hook
+    _lock = threading.Lock()  # the parent may have held it at the fork
+    for c in _in_flight:
+        c.event.set()
+    _in_flight.clear()
+    if _forward_hook is not None:
+        _forward_hook.remove()
+        _forward_hook = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _optimizer_pre_hook(optimizer: Any, args: Any, kwargs: Any) -> None:
