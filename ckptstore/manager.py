@@ -1024,8 +1024,20 @@ class CheckpointManager:
         return done
 
     def delete(self, step: int, *, tier: Literal["primary", "mirror"] = "primary") -> None:
-        """Delete a committed step: its manifest first (the step disappears atomically), then its data."""
-        self._delete_in(tier, _check_step(step))
+        """Delete a committed step: its manifest first (the step disappears atomically), then its data.
+
+        Raises ``CheckpointNotFoundError`` if there is no such step, and ``StorageError`` (still the storage's
+        ``OSError`` subclass, e.g. ``PermissionError``) when the storage refuses."""
+        step = _check_step(step)
+        try:
+            self._delete_in(tier, step)
+        except OSError as e:
+            typed = _typed_os_error(
+                e, f"step {step} could not be (fully) deleted from {self._tier(tier).url}; check the permissions"
+            )
+            if typed is e:
+                raise
+            raise typed from e
 
     def _delete_in(self, tier: str, step: int) -> None:
         if self.comm.rank != 0:

@@ -252,3 +252,12 @@ def test_retention_io_error_never_fails_a_committed_save(backend: Backend, where
     assert mgr.save(3, s3_).deleted_steps == tuple(s for s in visible if s != 3)
     assert backend.manager().steps() == [3]
     backend.only_committed(mgr, [3])
+
+
+def test_delete_refused_by_the_storage_is_typed(backend: Backend) -> None:
+    mgr = backend.manager()
+    mgr.save(1, make_state(1))
+    inject(mgr, Fault("eio", op="remove"))
+    with pytest.raises(StorageError, match=r"could not be .*deleted") as ei:
+        mgr.delete(1)
+    assert isinstance(ei.value, OSError) and ei.value.errno == errno.EIO
