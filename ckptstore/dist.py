@@ -63,6 +63,12 @@ class Comm:
     def barrier(self, *, what: str = "barrier") -> None:
         return None
 
+    def ensure(self) -> None:
+        """Create what the collectives need (a process group), if not done yet. Called by the manager on the
+        caller's thread at the start of every operation that runs collectives, so that group creation (itself
+        a collective) happens at the same point of the program on every rank, never in a background thread."""
+        return None
+
     def sibling(self) -> Comm:
         """A communicator over the same ranks whose collectives never interleave with this one's.
 
@@ -83,6 +89,10 @@ class TorchComm(Comm):
     whose ``failed_ranks`` names the ranks that never reached it, and leaves the communicator unusable: after a
     timeout the group's message streams are out of step, so later collectives fail fast instead of pairing
     the wrong messages. Recovering needs a new process group, in practice a restart of the job.
+
+    Construction runs no collective: the gloo group is created by :meth:`ensure` (the first save/restore), so a
+    manager built on a subset of the ranks (evaluation, export on rank 0) does not block. A collective that not
+    every rank joins, group creation included, fails after the timeout naming the ranks that never came.
     """
 
     def __init__(self, timeout_seconds: float = 600.0, group: Any = None, store: Any = None) -> None:
@@ -92,16 +102,13 @@ class TorchComm(Comm):
         self.rank = dist.get_rank(group) if group is not None else dist.get_rank()
         self.world_size = dist.get_world_size(group) if group is not None else dist.get_world_size()
         timeout = _dt.timedelta(seconds=timeout_seconds)
-        if group is None:
-            # All ranks must create the group in the same order: it happens in CheckpointManager.__init__,
-            # which every rank calls.
-            group = dist.new_group(backend="gloo", timeout=timeout)
-        self.group = group
+        self.group = group  # None: created by ensure(), over every rank
         self.timeout = timeout
         self._store = store if store is not None else _default_store()
         self._ns = f"ckptstore/comm{next(_instances)}"
         self._seq = 0
         self._broken: DistributedSaveError | None = None
+        self._ranks: list[int] | None = None  # the group's global ranks (None: all of them)
 
     def gather(self, obj: Any, *, what: str = "gather") -> list[Any] | None:
         def run() -> list[Any] | None:
@@ -130,10 +137,22 @@ class TorchComm(Comm):
     def barrier(self, *, what: str = "barrier") -> None:
         self._call(what, lambda: self._dist.barrier(group=self.group))
 
+    def ensure(self) -> None:
+        if self.group is not None:
+            return
+
+        def create() -> None:
+            # gloo connects to every peer here: a rank that never calls this makes it time out, like any collective.
+            self.group = self._dist.new_group(ranks=self._ranks, backend="gloo", timeout=self.timeout)
+
+        self._call("creation of the checkpoint process group (every rank must call save/restore)", create)
+
     def sibling(self) -> Comm:
-        ranks = self._dist.get_process_group_ranks(self.group)
-        group = self._dist.new_group(ranks=ranks, backend="gloo", timeout=self.timeout)
-        return TorchComm(self.timeout.total_seconds(), group=group, store=self._store)
+        ranks = self._dist.get_process_group_ranks(self.group) if self.group is not None else self._ranks
+        sib = TorchComm(self.timeout.total_seconds(), store=self._store)
+        sib._ranks = ranks
+        sib.ensure()  # now, on the caller's thread, like any collective call of the manager
+        return sib
 
     # -- failure handling -------------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -143,6 +162,8 @@ class TorchComm(Comm):
                 f"failure ({self._broken}); restart the job",
                 failed_ranks=self._broken.failed_ranks,
             )
+        if self.group is None and fn.__name__ != "create":
+            self.ensure()
         self._seq += 1
         seq = self._seq
         self._put(f"seq/{self.rank}", str(seq))

@@ -497,6 +497,7 @@ class CheckpointManager:
         encode_json(metrics, "metrics")  # fail fast, before any byte is written
         encode_json(metadata, "metadata")
         self.wait()  # at most one save in flight; re-raises a failed background save
+        self.comm.ensure()  # a group is created here, on the caller's thread, never by the background save
         t0 = time.perf_counter()
         created_at = time.time()
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle

@@ -73,6 +73,8 @@ class SaveSchedule:
             from .dist import default_comm
 
             comm = default_comm()
+        if hasattr(comm, "ensure"):
+            comm.ensure()  # its gloo group, now: every rank builds the schedule at the same point
         self.comm = comm
         if install and self.signals:
             self.install()

@@ -1,0 +1,37 @@
+"""Per-rank bodies: managers used by a subset of the ranks (run by ``tests.fixtures.dist.run_ranks``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ckptstore import CheckpointManager
+
+
+def rank0_alone(rank: int, world: int, root: str, timeout: float) -> dict[str, Any]:
+    """Both ranks save step 1 together; then rank 0 alone builds a manager, reads, and tries to save."""
+    out: dict[str, Any] = {}
+    mgr = CheckpointManager(root, io={"timeout_seconds": timeout})
+    mgr.save(1, {"w": torch.full((64,), 1.0)})
+    mgr.close()
+    if rank != 0:
+        time.sleep(3 * timeout)  # alive but elsewhere (evaluation, a metrics loop): never joins rank 0's calls
+        return out
+    t0 = time.perf_counter()
+    solo = CheckpointManager(root, io={"timeout_seconds": timeout})  # must not block: no collective
+    out["construct_seconds"] = time.perf_counter() - t0
+    out["steps"] = solo.steps()
+    out["latest"] = solo.latest().step
+    out["loaded"] = solo.load(1)["w"]
+    t0 = time.perf_counter()
+    try:
+        solo.save(2, {"w": torch.full((64,), 2.0)})
+        out["save"] = "returned"
+    except Exception as e:
+        out["save"] = type(e).__name__
+        out["save_error"] = str(e)
+        out["failed_ranks"] = dict(getattr(e, "failed_ranks", {}) or {})
+    out["save_seconds"] = time.perf_counter() - t0
+    return out

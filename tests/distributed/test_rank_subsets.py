@@ -1,0 +1,26 @@
+"""A manager on a subset of the ranks never blocks at construction; a collective not every rank joins fails in
+bounded time, naming the ranks that did not come (real gloo processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import _subset_workers as W
+from tests.fixtures.dist import run_ranks, values
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
+
+
+def test_manager_on_rank0_alone_reads_and_a_lone_save_fails_in_bounded_time(tmp_path: Path) -> None:
+    timeout = 4.0
+    outs = values(run_ranks(W.rank0_alone, 2, str(tmp_path / "ck"), timeout, timeout=90))
+    r0 = outs[0]
+    assert r0["construct_seconds"] < 2.0  # no collective at construction
+    assert r0["steps"] == [1] and r0["latest"] == 1
+    assert torch.equal(r0["loaded"], torch.full((64,), 1.0))
+    assert r0["save"] == "DistributedSaveError", r0
+    assert 1 in r0["failed_ranks"] and "never reached" in r0["save_error"], r0["save_error"]
+    assert r0["save_seconds"] < 4 * timeout
