@@ -1,18 +1,26 @@
 """Storage layer: byte-level access to one checkpoint root, over fsspec or direct OS calls.
 
 The layer knows nothing about checkpoints: it writes files from lists of buffers, reads byte ranges into caller
-memory, lists names and does one atomic create-only write (the commit). Paths given to it are *relative* to the
-root and use ``/``. Errors are built-in exceptions (``FileNotFoundError``, ``FileExistsError``, ``OSError``,
-``EOFError`` for short reads); the layers above turn them into ``ckptstore.errors`` types with context.
+memory, lists names (or typed :class:`Entry` rows) and does one exclusive create-only write (the commit). Paths
+given to it are *relative* to the root and use ``/``. Errors are built-in exceptions (``FileNotFoundError``,
+``FileExistsError``, ``OSError``, ``EOFError`` for short reads, :class:`NotRegularFileError` — an ``OSError`` —
+for a symlink, FIFO, device or directory where a regular file or a real directory is required); the layers above
+turn them into ``ckptstore.errors`` types with context.
+
+What a backend can do is declared by class attributes (``small_reads_cheap``, ``exclusive_create``,
+``create_all_or_nothing``, ``has_links``, ``has_mtime``, ``preferred_file_bytes``), documented on :class:`Storage`.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
+import math
 import mmap
 import posixpath
 from collections.abc import Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import fsspec
 
@@ -22,6 +30,82 @@ Buffer = memoryview
 
 # fsspec filesystems with real directories, where an empty one is removed by ``remove_dir``.
 _DIR_PROTOCOLS = frozenset({"memory", "file", "local"})
+
+
+EntryKind = Literal["file", "dir", "other"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory entry as the storage sees it, never following a symbolic link.
+
+    ``kind`` is ``"file"`` for a regular file (an object on an object store), ``"dir"`` for a real directory (a
+    common prefix on an object store) and ``"other"`` for anything else: a symbolic link (whatever it points
+    to), a FIFO, a socket, a device. ``size`` is the file's byte size (0 for directories and others); ``mtime``
+    the last modification time in seconds since the epoch, or None where the backend does not report one.
+    """
+
+    name: str
+    kind: EntryKind
+    size: int
+    mtime: float | None
+
+
+class NotRegularFileError(OSError):
+    """A path under the root is not what the storage layer accepts there: a symbolic link (never followed), a
+    FIFO, socket or device (never opened for reading: it could block or never end), a directory where a file is
+    expected, or a file where a directory is expected.
+
+    ``errno`` tells which: ``ELOOP`` (symbolic link), ``EISDIR`` (directory), ``ENOTDIR`` (a path component is
+    not a directory), ``EINVAL`` (FIFO, socket, device). ``kind`` names it in words ("symbolic link", "FIFO",
+    ...), ``filename`` is the path. The message says what to do: remove or replace the entry.
+    """
+
+    def __init__(self, code: int, message: str, path: str | None = None, *, kind: str = "") -> None:
+        super().__init__(code, message, path)
+        self.kind = kind
+
+    def __str__(self) -> str:  # OSError would print "[Errno 40] ...: 'path'" around the message
+        return str(self.strerror)
+
+
+def _info_mtime(info: dict[str, Any]) -> float | None:
+    """The modification time in an fsspec info dict (``mtime``, S3 ``LastModified``, ``created``), or None."""
+    for k in ("mtime", "LastModified", "last_modified", "created"):
+        v = info.get(k)
+        if v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                try:
+                    v = _dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+                except ValueError:
+                    continue
+        if isinstance(v, _dt.datetime):
+            if v.tzinfo is None:
+                v = v.replace(tzinfo=_dt.timezone.utc)
+            v = v.timestamp()
+        try:
+            t = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(t):
+            return t
+    return None
+
+
+def _entry_from_info(name: str, info: dict[str, Any]) -> Entry:
+    t = info.get("type")
+    kind: EntryKind = "file" if t == "file" else "dir" if t in ("directory", "dir") else "other"
+    if info.get("islink"):
+        kind = "other"
+    try:
+        size = int(info.get("size") or 0) if kind == "file" else 0
+    except (TypeError, ValueError):
+        size = 0
+    return Entry(name, kind, max(0, size), _info_mtime(info))
 
 
 class FileWriter(Protocol):
@@ -59,8 +143,29 @@ class Storage:
         assert st.read_bytes("a/b.bin", 1, 3) == b"el"
     """
 
-    #: True when ``create_exclusive`` is atomic against concurrent writers of other processes.
+    # -- capabilities (class attributes; a backend overrides what differs) ---------------------------------
+    #: Splitting one read into many smaller ``read_into`` calls costs about nothing extra (local disk: the I/O
+    #: layer then reads and checksums slice by slice while the bytes are in the CPU cache). False where every
+    #: read is a request with its own latency (object stores, generic fsspec).
+    small_reads_cheap: bool = False
+    #: ``create_exclusive`` has exactly one winner among concurrent writers of the same name, also across
+    #: processes and hosts; every other writer gets ``FileExistsError``. (Generic fsspec: as exclusive as the
+    #: filesystem's mode ``"x"`` is.)
+    exclusive_create: bool = True
+    #: Kept for older callers: the same as ``exclusive_create``.
     atomic_create: bool = True
+    #: A name made by ``create_exclusive`` appears with its complete content at once: a reader never sees a
+    #: partial file under it, and a crash never leaves a torn one (link(2), rename without replace, one PUT).
+    #: False when the backend had to create the final name first and then write it (``LocalStorage`` on a
+    #: filesystem without hard links and without ``RENAME_NOREPLACE``): readers must then trust the content
+    #: only once its own checksum verifies, and a crash can leave a torn file holding the name.
+    create_all_or_nothing: bool = True
+    #: The backend commits with hard links (link(2) works on this filesystem). Informational: what readers
+    #: rely on is ``create_all_or_nothing``.
+    has_links: bool = False
+    #: ``list_entries``/``stat`` report ``Entry.mtime``, so ages (gc / retention ``min_age``) can be told. Where
+    #: False, every age is unknown and age-based protection of in-progress saves cannot work.
+    has_mtime: bool = True
     #: Largest shard file worth planning on this backend (None: no preference, ``IOOptions.file_bytes`` rules).
     preferred_file_bytes: int | None = None
 
@@ -96,6 +201,51 @@ class Storage:
             if name and "/" not in name:
                 out.append(name)
         return sorted(set(out))
+
+    def list_entries(self, rel: str = "") -> list[Entry]:
+        """The entries directly under ``rel`` with their kind, size and mtime, sorted by name, in one listing
+        call; never follows a symbolic link. Empty when ``rel`` does not exist or is not a directory.
+
+        Here (generic fsspec, also the default for S3): objects are ``"file"``, common prefixes ``"dir"``,
+        anything else the filesystem reports ``"other"``; ``mtime`` from ``LastModified``/``mtime``/``created``.
+        """
+        path = self.full(rel)
+        self._forget_cached(path)
+        try:
+            infos = self.fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        base = path.rstrip("/")
+        out: dict[str, Entry] = {}
+        for info in infos:
+            if not isinstance(info, dict):
+                continue
+            full = str(info.get("name", "")).rstrip("/")
+            if not full or full == base:
+                continue  # ``ls`` of a file lists the file itself: a file has no entries
+            name = full[len(base) + 1 :] if full.startswith(base + "/") else posixpath.basename(full)
+            if name and "/" not in name and name not in out:
+                out[name] = _entry_from_info(name, info)
+        return [out[k] for k in sorted(out)]
+
+    def stat(self, rel: str) -> Entry | None:
+        """The entry ``rel`` itself (kind, size, mtime) without following a symbolic link; None if missing."""
+        path = self.full(rel)
+        self._forget_cached(path)
+        try:
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            return None
+        return _entry_from_info(posixpath.basename(_check_rel(rel)), info)
+
+    def _forget_cached(self, path: str) -> None:
+        # A listing cached by fsspec (s3fs caches them) would hide what other processes wrote since.
+        forget = getattr(self.fs, "invalidate_cache", None)
+        if forget is not None:
+            try:
+                forget(path)
+            except (OSError, ValueError, TypeError, NotImplementedError):  # only costs freshness
+                log.debug("could not invalidate the listing cache of %s", path, exc_info=True)
 
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(self.full(rel)))
