@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import io as _pyio
+import json
 import logging
 import math
 import os
@@ -369,9 +371,14 @@ class CheckpointManager:
             return sorted({s for t in self.tiers for s in self.steps(t)})  # type: ignore[arg-type]
         storage = self._tier(tier)
         out = []
-        for name in storage.list_dir(""):
-            s = parse_step_dir(name)
-            if s is not None and ((tier, s) in self._manifests or storage.exists(f"{name}/{MANIFEST_NAME}")):
+        for entry in storage.list_entries(""):
+            s = parse_step_dir(entry.name)
+            if s is None:
+                continue
+            if entry.kind != "dir":
+                log.warning("ignoring %s under %s: a %s, not a step directory", entry.name, storage.url, _kind(entry))
+                continue
+            if (tier, s) in self._manifests or storage.exists(f"{entry.name}/{MANIFEST_NAME}"):
                 out.append(s)
         return sorted(out)
 
@@ -660,6 +667,13 @@ class CheckpointManager:
         return replace(self.io, file_bytes=cap)
 
     def _run_save(self, job: _SaveJob) -> SaveResult:
+        try:
+            return self._save_protocol(job)
+        finally:
+            if job.lease is not None:
+                job.lease.stop()  # whatever happened: never leave a lease refreshed by a thread forever
+
+    def _save_protocol(self, job: _SaveJob) -> SaveResult:
         comm = self.comm
         prefix = step_dir(job.step)
         # 1. Rank 0 checks the step is free and picks the save id; everyone learns the answer.
@@ -684,6 +698,9 @@ class CheckpointManager:
             )
         save_id = decision["save_id"]
         committed = False
+        # Other processes' gc must see this save as in progress however long it takes (a slow rank, a long
+        # collective timeout): rank 0 keeps a lease file in the step directory fresh until the end.
+        job.lease = _Lease(self.storage, prefix, save_id).start() if comm.rank == 0 else None
         try:
             # 2. Plan: gather every rank's boxes, rank 0 plans, broadcast.
             mine_specs: Any = job.specs if job.prep_error is None else _PrepFailed(job.prep_error)
@@ -758,20 +775,20 @@ class CheckpointManager:
             # A collective failed (a rank died or is stuck) or the plan was refused: nothing is committed and
             # the files of this attempt are garbage. A committed step is never cleaned up.
             if not committed:
-                self._cleanup_attempt(prefix, save_id)
+                self._cleanup_attempt(prefix, save_id, job.lease)
             raise
         except BaseException as e:
             # Single process (or this rank's own preparation error): a write or the commit failed — disk full,
             # I/O error, S3 gave up after its retries. Nothing is committed; the files of this attempt go now
             # rather than at the next gc, and the caller gets a typed error that is still an OSError.
             if not committed:
-                self._cleanup_attempt(prefix, save_id)
+                self._cleanup_attempt(prefix, save_id, job.lease)
             typed = _typed_os_error(e, f"step {job.step} was not saved (nothing was committed)")
             if typed is e:
                 raise
             raise typed from e
         if not outcome["ok"]:
-            self._cleanup_attempt(prefix, save_id)
+            self._cleanup_attempt(prefix, save_id, job.lease)
             if "exists" in outcome:
                 raise CheckpointExistsError(outcome["exists"], step=job.step)
             failed = outcome["failed"]
@@ -783,6 +800,8 @@ class CheckpointManager:
             )
         seconds = time.perf_counter() - job.t0
         deleted: tuple[int, ...] = ()
+        if job.lease is not None:
+            job.lease.stop()
         if comm.rank == 0:
             if self.mirror_storage is not None:
                 self._enqueue_mirror(job.step)
@@ -847,6 +866,7 @@ class CheckpointManager:
         prefix = step_dir(step)
         rel = f"{prefix}/{MANIFEST_NAME}"
         data = m.to_bytes()
+        self._check_files(step, prefix, m.files)
         self.storage.sync_dir(prefix)
         try:
             self.storage.create_exclusive(rel, data)
@@ -864,6 +884,22 @@ class CheckpointManager:
         with self._lock:
             self._manifests[("primary", step)] = m
 
+    def _check_files(self, step: int, prefix: str, files: Mapping[str, int]) -> None:
+        """Every file the manifest names is there with its size (one listing), or nothing is committed: another
+        process (a gc with too short a min-age, a cleanup script) may have removed finished shards meanwhile."""
+        have = {e.name: e.size for e in self.storage.list_entries(prefix) if e.kind == "file"}
+        bad = [f"{n} ({'missing' if n not in have else f'{have[n]} bytes, not {size}'})"
+               for n, size in files.items() if have.get(n) != size]  # fmt: skip
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            err = StorageError(
+                f"step {step} was not committed: files written by this save are gone or changed: {shown}. Another "
+                f"process removed or rewrote them under {self.url} while the save ran (a gc with a min-age shorter "
+                "than the save?); save again"
+            )
+            err.errno = errno.ENOENT
+            raise err
+
     def _own_manifest(self, prefix: str, save_id: str) -> bool | None:
         """Whether the manifest under ``prefix`` is the one of save ``save_id`` (None: it cannot be told now)."""
         rel = f"{prefix}/{MANIFEST_NAME}"
@@ -876,8 +912,10 @@ class CheckpointManager:
         except (OSError, EOFError, CheckpointError):
             return None
 
-    def _cleanup_attempt(self, prefix: str, save_id: str) -> None:
+    def _cleanup_attempt(self, prefix: str, save_id: str, lease: _Lease | None = None) -> None:
         """Remove the files of failed save ``save_id`` — never those of a committed step or of another writer."""
+        if lease is not None:
+            lease.stop()
         if self.comm.rank != 0:
             return
         own = self._own_manifest(prefix, save_id)
@@ -889,7 +927,7 @@ class CheckpointManager:
             return
         try:
             for name in self.storage.list_dir(prefix):
-                if name.startswith(f"shard-{save_id}-"):
+                if name.startswith(f"shard-{save_id}-") or name == f"{LEASE_PREFIX}{save_id}":
                     self.storage.remove(f"{prefix}/{name}")
             # Only an empty directory goes: another writer may be saving this step right now (list + remove_tree
             # would race with it and could delete files it just created, or even its committed step).
@@ -1058,42 +1096,66 @@ class CheckpointManager:
     def gc(self, *, min_age_seconds: float = 600.0) -> list[str]:
         """Remove partial steps (no manifest) and unreferenced files inside committed steps.
 
-        Only files older than ``min_age_seconds`` are touched, so a save in progress in another process is
-        left alone. Returns the removed paths (relative to the root).
+        Only files older than ``min_age_seconds`` are touched, and a step directory whose running save keeps its
+        lease fresh (``.saving-<id>``, refreshed every 30 s) is not touched at all, however long the save takes.
+        Symbolic links, FIFOs and other entries that are not real directories/files are never followed or
+        removed (a warning names them). Returns the removed paths (relative to the root).
         """
         if self.comm.rank != 0:
             return []
         removed: list[str] = []
         now = time.time()
-        for name in self.storage.list_dir(""):
-            s = parse_step_dir(name)
-            if s is None:
-                continue
-            committed = self.storage.exists(f"{name}/{MANIFEST_NAME}")
-            keep: set[str] = {MANIFEST_NAME}
-            if committed:
-                try:
-                    keep |= set(self._manifest(s).files)
-                    # Artifacts committed next to the step (their sidecar exists) are part of it too.
-                    from .artifacts import list_artifacts, sidecar_name
+        try:
+            for entry in self.storage.list_entries(""):
+                s = parse_step_dir(entry.name)
+                if s is None:
+                    continue
+                if entry.kind != "dir":
+                    log.warning("gc: leaving %s alone: a %s, not a step directory", entry.name, _kind(entry))
+                    continue
+                removed += self._gc_step(entry.name, s, now, min_age_seconds)
+            # Multipart uploads younger than min_age may belong to a save in progress elsewhere.
+            self.storage.abort_incomplete_uploads("", older_than_seconds=min_age_seconds)
+        except OSError as e:
+            typed = _typed_os_error(e, f"gc of {self.url} stopped")
+            if typed is e:
+                raise
+            raise typed from e
+        return removed
 
-                    for a in list_artifacts(self.storage, s):
-                        keep |= {a.file, sidecar_name(a.name)}
-                except CheckpointError as e:
-                    log.warning("gc: leaving step %d alone, its manifest is unreadable: %s", s, e)
-                    continue
-            for fname in self.storage.list_dir(name):
-                if fname in keep:
-                    continue
-                rel = f"{name}/{fname}"
-                if _age(self.storage, rel, now) < min_age_seconds:
-                    continue
-                self.storage.remove(rel)
-                removed.append(rel)
-            if not committed:
-                self.storage.remove_dir(name)  # only if empty: a save may be creating files in it right now
-        # Multipart uploads younger than min_age may belong to a save in progress elsewhere.
-        self.storage.abort_incomplete_uploads("", older_than_seconds=min_age_seconds)
+    def _gc_step(self, name: str, step: int, now: float, min_age: float) -> list[str]:
+        entries = self.storage.list_entries(name)
+        leases = [e for e in entries if e.name.startswith(LEASE_PREFIX) and e.kind == "file"]
+        if any(_age(e, now) < LEASE_TTL_SECONDS for e in leases):
+            log.info("gc: leaving %s alone: a save is in progress there (%s)", name, leases[0].name)
+            return []
+        committed = any(e.name == MANIFEST_NAME and e.kind == "file" for e in entries)
+        keep: set[str] = {MANIFEST_NAME}
+        if committed:
+            try:
+                keep |= set(self._manifest(step).files)
+                # Artifacts committed next to the step (their sidecar exists) are part of it too.
+                from .artifacts import list_artifacts, sidecar_name
+
+                for a in list_artifacts(self.storage, step):
+                    keep |= {a.file, sidecar_name(a.name)}
+            except CheckpointError as e:
+                log.warning("gc: leaving step %d alone, its manifest is unreadable: %s", step, e)
+                return []
+        removed = []
+        for e in entries:
+            if e.name in keep:
+                continue
+            rel = f"{name}/{e.name}"
+            if e.kind != "file":
+                log.warning("gc: leaving %s alone: a %s, not a file ckptstore writes", rel, _kind(e))
+                continue
+            if _age(e, now) < min_age:
+                continue
+            self.storage.remove(rel)
+            removed.append(rel)
+        if not committed:
+            self.storage.remove_dir(name)  # only if empty: a save may be creating files in it right now
         return removed
 
     # -- restore / load ---------------------------------------------------------------------------------------------
@@ -1740,6 +1802,65 @@ class _SaveJob:
     prep_error: BaseException | None = None
     copy: overlap.Copy | None = None
     """Overlapped staging: training also waited ``copy.waited`` seconds for the copy in hooks."""
+    lease: _Lease | None = None
+    """Rank 0: the in-progress marker of this save (see :class:`_Lease`)."""
+
+
+LEASE_PREFIX = ".saving-"
+"""Name prefix of the lease file a running save keeps in its step directory (``.saving-<save_id>``)."""
+LEASE_REFRESH_SECONDS = 30.0
+LEASE_TTL_SECONDS = 120.0
+"""A lease not refreshed for this long belongs to a save that died; gc then treats it as any leftover file."""
+
+
+class _Lease:
+    """Marks a save in progress for ``gc`` in other processes: a small file in the step directory, rewritten every
+    ``LEASE_REFRESH_SECONDS`` until the save ends. Best effort: if it cannot be written the save goes on (the
+    check before the commit still refuses to commit a step whose files were removed)."""
+
+    def __init__(self, storage: Storage, prefix: str, save_id: str) -> None:
+        self._storage = storage
+        self.rel = f"{prefix}/{LEASE_PREFIX}{save_id}"
+        self._body = {"save_id": save_id, "host": platform.node(), "pid": os.getpid()}
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> _Lease:
+        try:
+            self._write()
+        except OSError as e:
+            log.warning("could not write the in-progress marker %s (gc elsewhere cannot see the save): %s", self.rel, e)
+            return self
+        self._thread = threading.Thread(target=self._refresh, name="ckpt-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _write(self) -> None:
+        self._storage.write_bytes(self.rel, json.dumps({**self._body, "heartbeat": time.time()}).encode())
+
+    def _refresh(self) -> None:
+        while not self._stopped.wait(LEASE_REFRESH_SECONDS):
+            with self._lock:
+                if self._stopped.is_set():
+                    return
+                try:
+                    self._write()
+                except OSError as e:
+                    log.warning("could not refresh the in-progress marker %s: %s", self.rel, e)
+
+    def stop(self) -> None:
+        """Stop refreshing and remove the lease (once; later calls do nothing)."""
+        with self._lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self._storage.remove(self.rel)
+        except OSError as e:
+            log.warning("could not remove the in-progress marker %s (gc removes it later): %s", self.rel, e)
 
 
 class _PrepFailed:
@@ -1879,22 +2000,13 @@ def _fmt_steps(steps: list[int]) -> str:
     return ", ".join(map(str, steps[-10:])) + (" (newest 10)" if len(steps) > 10 else "")
 
 
-def _age(storage: Storage, rel: str, now: float) -> float:
-    try:
-        info = storage.fs.info(storage.full(rel))
-    except (OSError, ValueError):
-        return float("inf")
-    for k in ("mtime", "LastModified", "last_modified", "created"):
-        v = info.get(k)
-        if v is None:
-            continue
-        if hasattr(v, "timestamp"):
-            v = v.timestamp()
-        try:
-            return now - float(v)
-        except (TypeError, ValueError):
-            continue
-    return float("inf")
+def _age(entry: Any, now: float) -> float:
+    """Seconds since ``entry`` (a storage ``Entry``) was modified; infinite where the storage cannot tell."""
+    return float("inf") if entry.mtime is None else now - entry.mtime
+
+
+def _kind(entry: Any) -> str:
+    return "directory" if entry.kind == "dir" else "file" if entry.kind == "file" else "symbolic link or special file"
 
 
 def _coerce_retention(retention: Any) -> Any:
