@@ -408,20 +408,21 @@ class CheckpointManager:
         return self.info(steps[-1]) if steps else None
 
     def best(self, metric: str = "loss", mode: Literal["min", "max"] = "min") -> CheckpointInfo | None:
-        """The committed step with the best numeric ``metric`` (NaN and missing values never win)."""
-        if mode not in ("min", "max"):
-            from .errors import ConfigError
+        """The committed step with the best ``metric`` (``mode="min"``: lowest), or None if no step has one.
 
-            raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
-        best: CheckpointInfo | None = None
-        for info in self.history():
-            v = info.metric(metric)
-            if v is None or math.isnan(v):
-                continue
-            bv = best.metric(metric) if best else None
-            if bv is None or (v < bv if mode == "min" else v > bv) or v == bv:
-                best = info  # ties go to the newer step
-        return best
+        Ranked by :func:`ckptstore.retention.rank_by_metric`, the ranking ``KeepBest`` uses: only finite numbers
+        count (a missing, non-numeric, NaN or ±inf metric never wins, not even ``-inf`` under ``"min"``), ints
+        compare exactly however large, and on a tie the newer step wins. Raises ``ConfigError`` for a
+        ``mode`` other than ``"min"``/``"max"``.
+
+        Example::
+
+            mgr.best("accuracy", "max").step
+        """
+        from .retention import rank_by_metric
+
+        ranked = rank_by_metric(self.history(), metric, mode)
+        return ranked[0] if ranked else None
 
     # -- pins -----------------------------------------------------------------------------------------------
     def pin(self, step: int) -> None:
