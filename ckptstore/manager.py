@@ -263,6 +263,11 @@ class CheckpointManager:
         mirror_storage_options: dict[str, Any] | None = None,
         comm: Comm | None = None,
     ) -> None:
+        """The keyword options are the fields of :class:`ckptstore.config.ManagerConfig` (documented in
+        ``configs/README.md``, where ``timeout_seconds`` is a config shorthand for ``io.timeout_seconds``),
+        plus ``comm``, the collectives to use (default: torch.distributed when initialised, else one process).
+        ``CheckpointManager(cfg.root, **cfg.to_kwargs())`` builds the manager a config describes.
+        """
         self.io = io if isinstance(io, IOOptions) else IOOptions.from_dict(io)
         self.storage: Storage = open_storage(os.fspath(root), storage_options, io=self.io)
         self.url = self.storage.url
@@ -296,6 +301,9 @@ class CheckpointManager:
     def from_config(cls, source: str | os.PathLike[str] | dict[str, Any], **overrides: Any) -> CheckpointManager:
         """Build a manager from a YAML file or a dict (see ``configs/README.md``).
 
+        Exactly ``cls(cfg.root, **cfg.to_kwargs())`` for ``cfg = ckptstore.config.load_config(source)``;
+        ``overrides`` are constructor keyword arguments that replace the config's (e.g. ``comm=``).
+
         Example::
 
             mgr = CheckpointManager.from_config("configs/local.yaml")
@@ -303,19 +311,7 @@ class CheckpointManager:
         from .config import load_config
 
         cfg = load_config(source)
-        kwargs: dict[str, Any] = {
-            "storage_options": cfg.storage_options,
-            "retention": cfg.retention,
-            "io": cfg.io,
-            "allow_pickle": cfg.allow_pickle,
-            "async_save": cfg.async_save,
-            "overlap_staging": cfg.overlap_staging,
-        }
-        if cfg.mirror:
-            kwargs["mirror"] = cfg.mirror
-            kwargs["mirror_storage_options"] = cfg.mirror_storage_options
-        kwargs.update(overrides)
-        return cls(cfg.root, **kwargs)
+        return cls(cfg.root, **{**cfg.to_kwargs(), **overrides})
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -372,7 +372,9 @@ def test_rank_by_metric(losses: dict[int, object], mode: str, expected: list[int
 
 
 @pytest.mark.parametrize(("losses", "mode", "expected"), [c[1:] for c in RANK_CASES], ids=[c[0] for c in RANK_CASES])
-def test_keep_best_follows_the_ranking_and_never_raises(losses: dict[int, object], mode: str, expected: list[int]) -> None:
+def test_keep_best_follows_the_ranking_and_never_raises(
+    losses: dict[int, object], mode: str, expected: list[int]
+) -> None:
     infos = _losses(losses)
     policy = KeepBest(k=2, metric="loss", mode=mode)
     assert [s for s, _ in policy.ranked(infos)] == expected
