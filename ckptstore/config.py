@@ -245,7 +245,7 @@ class ManagerConfig:
             raise ConfigError(f"io must be a mapping of I/O options, got {io!r} ({_type_name(io)})")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "bool" and not isinstance(value, bool):
+            if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise ConfigError(f"{_yaml_key(f)} must be true or false, got {value!r} ({_type_name(value)})")
         t = self.timeout_seconds
         if t is not None:
@@ -273,7 +273,7 @@ class ManagerConfig:
 
             CheckpointManager(cfg.root, **cfg.to_kwargs())
         """
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["kwarg"]}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("kwarg", True)}
 
     def __repr__(self) -> str:
         parts = []
@@ -632,8 +632,9 @@ def markdown_tables() -> dict[str, str]:
     top = []
     for f in dataclasses.fields(ManagerConfig):
         m = f.metadata
-        top.append((_yaml_key(f), m["type"], m["default"], m["doc"]))
-        top.extend(m["rows"])
+        # A field declared without metadata=_meta(...) gets empty cells, which the README test reports.
+        top.append((_yaml_key(f), m.get("type", ""), m.get("default", ""), m.get("doc", "")))
+        top.extend(m.get("rows", ()))
     io_docs = _attribute_docs(IOOptions)
     io_rows = [
         (f"io.{f.name}", _io_type(f), _io_default(f), f.metadata.get("doc") or io_docs.get(f.name, ""))

@@ -172,17 +172,22 @@ def rank_by_metric(infos: Iterable[CheckpointInfo], metric: str, mode: str) -> l
 
         rank_by_metric(mgr.history(), "loss", "min")[0].step     # the step best() returns
     """
+    return [info for info, _ in _ranked(infos, metric, mode)]
+
+
+def _ranked(infos: Iterable[CheckpointInfo], metric: str, mode: str) -> list[tuple[CheckpointInfo, int | float]]:
+    # rank_by_metric with each step's value.
     if not isinstance(metric, str) or not metric:
         raise ConfigError(f"metric must be a non-empty string (a key of save(metrics=...)), got {metric!r}")
     if mode not in ("min", "max"):
         raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
-    scored: list[tuple[int | float, int, CheckpointInfo]] = []
+    scored: list[tuple[int | float, int, CheckpointInfo, int | float]] = []
     for step, info in _unique(infos).items():
         value = metric_value(info, metric)
         if value is not None:
-            scored.append((value if mode == "min" else -value, -step, info))
+            scored.append((value if mode == "min" else -value, -step, info, value))
     scored.sort(key=lambda t: (t[0], t[1]))  # never compares the infos themselves
-    return [info for _, _, info in scored]
+    return [(info, value) for _, _, info, value in scored]
 
 
 def _fmt_metric(value: int | float) -> str:
@@ -281,12 +286,7 @@ class KeepBest(_Policy):
 
     def ranked(self, infos: Sequence[CheckpointInfo]) -> list[tuple[int, int | float]]:
         """``(step, value)`` of every step with a rankable metric, best first (see :func:`rank_by_metric`)."""
-        out: list[tuple[int, int | float]] = []
-        for info in rank_by_metric(infos, self.metric, self.mode):
-            value = metric_value(info, self.metric)
-            assert value is not None  # rank_by_metric returns only steps whose metric ranks
-            out.append((int(info.step), value))
-        return out
+        return [(int(info.step), value) for info, value in _ranked(infos, self.metric, self.mode)]
 
     def keep(self, infos: Sequence[CheckpointInfo], *, now: float) -> set[int]:
         return {s for s, _ in self.ranked(infos)[: self.k]}
