@@ -1,8 +1,13 @@
 """YAML (or dict) configuration of a :class:`~ckptstore.CheckpointManager`, validated up front.
 
-Every field is documented in ``configs/README.md``; ``configs/*.yaml`` are commented examples. Unknown keys
-and wrong types raise :class:`~ckptstore.errors.ConfigError` naming the field (and the file), with a
-did-you-mean hint for misspelt keys.
+ONE list of options: the fields of :class:`ManagerConfig` (with :class:`~ckptstore.options.IOOptions` nested
+under ``io:``) define the YAML keys (:data:`CONFIG_KEYS`), the keyword arguments of the constructor
+(:meth:`ManagerConfig.to_kwargs`, used by :meth:`CheckpointManager.from_config`) and the option tables of
+``configs/README.md``, which are generated from them (``python -m ckptstore.config --markdown
+configs/README.md`` rewrites them; a test fails when they are stale). A new ``IOOptions`` field needs no edit
+here. ``configs/*.yaml`` are commented examples. Unknown keys and wrong types raise
+:class:`~ckptstore.errors.ConfigError` naming the field (and the file), with a did-you-mean hint for misspelt
+keys.
 
 Resolution order, lowest to highest precedence:
 
@@ -19,12 +24,17 @@ Example::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import itertools
 import json
 import math
 import os
 import re
-from collections.abc import Mapping
+import sys
+import textwrap
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,20 +44,16 @@ from .errors import ConfigError
 from .options import IOOptions
 from .retention import RetentionPolicy, _reject_unknown_keys, _type_name, coerce_retention
 
-__all__ = ["CONFIG_KEYS", "ENV_MIRROR", "ENV_ROOT", "ENV_STORAGE_OPTIONS", "ManagerConfig", "load_config"]
-
-CONFIG_KEYS = (
-    "root",
-    "storage_options",
-    "retention",
-    "mirror",
-    "io",
-    "async_save",
-    "overlap_staging",
-    "allow_pickle",
-    "timeout_seconds",
-)
-MIRROR_KEYS = ("url", "storage_options")
+__all__ = [
+    "CONFIG_KEYS",
+    "ENV_MIRROR",
+    "ENV_ROOT",
+    "ENV_STORAGE_OPTIONS",
+    "RUNTIME_KWARGS",
+    "ManagerConfig",
+    "load_config",
+    "markdown_tables",
+]
 
 ENV_ROOT = "CKPTSTORE_ROOT"
 ENV_MIRROR = "CKPTSTORE_MIRROR"
@@ -56,42 +62,154 @@ ENV_STORAGE_OPTIONS = "CKPTSTORE_STORAGE_OPTIONS"
 # Key names whose values are hidden by ManagerConfig's repr: configs carry credentials via ${...}.
 _SECRET_KEY = re.compile(r"key|secret|token|pass|credential|auth", re.IGNORECASE)
 
+RUNTIME_KWARGS = ("comm",)
+"""Keyword arguments of ``CheckpointManager`` that are objects, not settings, and so have no config field."""
+
+
+def _meta(
+    *,
+    type: str,
+    default_doc: str,
+    doc: str,
+    kwarg: bool = True,
+    yaml: str | None = None,
+    extra_rows: tuple[tuple[str, str, str, str], ...] = (),
+) -> dict[str, Any]:
+    """The metadata that makes a :class:`ManagerConfig` field one documented option.
+
+    ``type``, ``default_doc`` and ``doc`` (Markdown) fill its row of the table in ``configs/README.md``;
+    ``kwarg`` says whether it is a constructor keyword argument of the same name; ``yaml`` is its YAML key when
+    that is not the field name (a dotted key lives in a nested mapping); ``extra_rows`` are further table rows
+    ``(key, type, default, meaning)`` of its sub-keys.
+    """
+    return {"type": type, "default": default_doc, "doc": doc, "kwarg": kwarg, "yaml": yaml, "rows": extra_rows}
+
+
+def _yaml_key(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("yaml") or f.name
+
 
 @dataclass(frozen=True, kw_only=True, repr=False)
 class ManagerConfig:
-    """What :meth:`CheckpointManager.from_config` needs, validated, with environment overrides applied.
+    """The options of a :class:`~ckptstore.CheckpointManager`, validated, with environment overrides applied.
 
-    ``timeout_seconds``, when set, is also folded into ``io.timeout_seconds`` so that both agree. The repr
-    hides credential-like values of the storage options.
+    Each field is one option; its metadata (see :func:`markdown_tables`) gives the YAML key, the documented
+    type, default and meaning, and whether it is a keyword argument of the constructor. All fields but
+    ``root`` (positional) and ``timeout_seconds`` (a shorthand folded into ``io.timeout_seconds``, so that both
+    agree) are constructor keywords of the same name; ``comm`` is the only constructor keyword without a field
+    (:data:`RUNTIME_KWARGS`). The repr hides credential-like values of the storage options.
 
     Example::
 
         cfg = ManagerConfig(root="/ckpt/run-7", retention={"keep_last": 3})
         cfg.retention        # KeepLast(n=3)
-        mgr = CheckpointManager(cfg.root, **cfg.to_kwargs())   # roughly what from_config does
+        mgr = CheckpointManager(cfg.root, **cfg.to_kwargs())   # what from_config does
     """
 
-    root: str
-    """Checkpoint root: a local path or fsspec URL (``/ckpt``, ``file:///ckpt``, ``s3://b/p``, ``memory://x``)."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    """Passed to fsspec as is for ``root`` (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``)."""
-    retention: RetentionPolicy | None = None
-    """Which steps to keep (a policy; a ``retention:`` dict is converted). ``None`` keeps everything."""
-    mirror: str | None = None
-    """Second root every committed step is also copied to (tiered storage), or ``None``."""
-    mirror_storage_options: dict[str, Any] = field(default_factory=dict)
-    """fsspec options for ``mirror`` (not inherited from ``storage_options``)."""
-    io: IOOptions = field(default_factory=IOOptions)
-    """I/O tuning; a dict is converted with :meth:`IOOptions.from_dict`."""
-    async_save: bool = False
-    """``save()`` returns a pending handle by default instead of blocking until the commit."""
-    overlap_staging: bool = False
-    """Async saves copy the state to staging memory in the background too; optimizer steps and forwards that
-    change large buffers wait for the copy (see ``ckptstore.overlap``)."""
-    allow_pickle: bool = False
-    """Allow pickling values that are neither tensors, Stateful objects nor JSON values."""
-    timeout_seconds: float | None = None
-    """Give up on distributed collectives and waits after this long; ``None`` uses ``io.timeout_seconds``."""
+    root: str = field(
+        metadata=_meta(
+            kwarg=False,
+            type="string",
+            default_doc="**required**",
+            doc="Where steps are stored. This is a local path (relative to the working directory, `~` expanded) or "
+            "an fsspec URL: `/ckpt/run`, `file:///ckpt/run`, `s3://bucket/prefix`, `memory://name`. Each step goes "
+            "under `<root>/step-<number>/`. `$CKPTSTORE_ROOT` replaces it. The constructor's first (positional) "
+            "argument.",
+        ),
+    )
+    storage_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_meta(
+            type="mapping",
+            default_doc="`{}`",
+            doc="Keyword arguments passed as is to the fsspec filesystem of `root`, e.g. `client_kwargs: "
+            "{endpoint_url: ...}`, `key`, `secret` for s3fs. `$CKPTSTORE_STORAGE_OPTIONS` is deep-merged over it.",
+        ),
+    )
+    retention: RetentionPolicy | None = field(
+        default=None,
+        metadata=_meta(
+            type="mapping or null",
+            default_doc="`null` (keep every step)",
+            doc="Which steps to keep after each commit (a `retention:` mapping is converted to a policy). See "
+            "[Retention](#retention).",
+        ),
+    )
+    mirror: str | None = field(
+        default=None,
+        metadata=_meta(
+            type="string, mapping or null",
+            default_doc="`null`",
+            doc="A second tier that every committed step is also copied to. Give either a URL string or `{url: URL, "
+            "storage_options: {...}}`. `$CKPTSTORE_MIRROR` replaces the URL. The mirror must differ from `root`.",
+            extra_rows=(
+                (
+                    "mirror.url",
+                    "string",
+                    "required if `mirror` is a mapping",
+                    "The mirror's path or fsspec URL (the `mirror` keyword argument).",
+                ),
+            ),
+        ),
+    )
+    mirror_storage_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_meta(
+            yaml="mirror.storage_options",
+            type="mapping",
+            default_doc="`{}`",
+            doc="fsspec options for the mirror. They are **not** inherited from `storage_options`.",
+        ),
+    )
+    io: IOOptions = field(
+        default_factory=IOOptions,
+        metadata=_meta(
+            type="mapping",
+            default_doc="all defaults",
+            doc="I/O tuning (`ckptstore.options.IOOptions`; a mapping is converted), see [I/O options](#io-options).",
+        ),
+    )
+    async_save: bool = field(
+        default=False,
+        metadata=_meta(
+            type="bool",
+            default_doc="`false`",
+            doc="If `true`, `save()` returns a `PendingSave` by default and the write runs in the background. "
+            "`mgr.wait()` or `close()` waits for it.",
+        ),
+    )
+    overlap_staging: bool = field(
+        default=False,
+        metadata=_meta(
+            type="bool",
+            default_doc="`false`",
+            doc="Async saves also copy the state to staging memory in the background: `save()` returns in about a "
+            "millisecond (it copies only tensors up to 64 KiB, such as BatchNorm statistics), and `optimizer.step()`, "
+            "forwards of modules with larger buffers and DDP forwards that broadcast them wait for the copy. Other "
+            "in-place changes must call `PendingSave.wait_staged()` first, or the save fails with "
+            "`StateChangedError`. See `ckptstore/overlap.py`.",
+        ),
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata=_meta(
+            type="bool",
+            default_doc="`false`",
+            doc="Allow values that are not tensors, Stateful objects or JSON values to be stored with pickle. A step "
+            "stored this way loads only with `trusted=True`.",
+        ),
+    )
+    timeout_seconds: float | None = field(
+        default=None,
+        metadata=_meta(
+            kwarg=False,
+            type="number or null",
+            default_doc="`null` (use `io.timeout_seconds`, 600)",
+            doc="Distributed collectives and waits give up after this many seconds, so no rank hangs forever. This "
+            "is a shorthand for `io.timeout_seconds`: the loader copies it there (so the constructor gets it inside "
+            "`io=`; it has no `timeout_seconds` argument). Setting both to different values is an error.",
+        ),
+    )
 
     def __post_init__(self) -> None:
         root = self.root
@@ -125,10 +243,10 @@ class ManagerConfig:
             io = IOOptions.from_dict(dict(io))
         elif not isinstance(io, IOOptions):
             raise ConfigError(f"io must be a mapping of I/O options, got {io!r} ({_type_name(io)})")
-        for name in ("async_save", "overlap_staging", "allow_pickle"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ConfigError(f"{name} must be true or false, got {value!r} ({_type_name(value)})")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ConfigError(f"{_yaml_key(f)} must be true or false, got {value!r} ({_type_name(value)})")
         t = self.timeout_seconds
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
@@ -148,13 +266,14 @@ class ManagerConfig:
         object.__setattr__(self, "io", io)
 
     def to_kwargs(self) -> dict[str, Any]:
-        """Every field but ``root`` as a dict (shallow: policies and IOOptions stay objects).
+        """The keyword arguments of the constructor, exactly: every field but ``root`` and ``timeout_seconds``
+        (which is inside ``io``). Shallow: the policy and the IOOptions stay objects.
 
         Example::
 
             CheckpointManager(cfg.root, **cfg.to_kwargs())
         """
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "root"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("kwarg", True)}
 
     def __repr__(self) -> str:
         parts = []
@@ -164,6 +283,18 @@ class ManagerConfig:
                 value = _redact(value)
             parts.append(f"{f.name}={value!r}")
         return f"ManagerConfig({', '.join(parts)})"
+
+
+CONFIG_KEYS: tuple[str, ...] = tuple(
+    dict.fromkeys(_yaml_key(f).split(".")[0] for f in dataclasses.fields(ManagerConfig))
+)
+"""The top-level YAML keys, in documentation order (derived from the fields of :class:`ManagerConfig`)."""
+MIRROR_KEYS: tuple[str, ...] = (
+    "url",
+    *(_yaml_key(f).split(".", 1)[1] for f in dataclasses.fields(ManagerConfig) if _yaml_key(f).startswith("mirror.")),
+)
+# Fields whose YAML form needs more than "the value of the key": environment overrides, nesting, sizes.
+_SHAPED = frozenset({"root", "storage_options", "mirror", "mirror_storage_options", "io"})
 
 
 def _redact(value: Any) -> Any:
@@ -373,17 +504,18 @@ def _build(data: Mapping[Any, Any], env: Mapping[str, str]) -> ManagerConfig:
         io = {k: _parse_size(v, f"io.{k}") if str(k).endswith("_bytes") else v for k, v in io.items()}
     # A non-mapping io is reported by ManagerConfig with the field name.
 
+    kwargs: dict[str, Any] = {
+        f.name: d[_yaml_key(f)]
+        for f in dataclasses.fields(ManagerConfig)
+        if f.name not in _SHAPED and _yaml_key(f) in d
+    }
     return ManagerConfig(
         root=root,
         storage_options=storage_options,
-        retention=d.get("retention"),
         mirror=mirror,
         mirror_storage_options=mirror_options,
         io=io,
-        async_save=d.get("async_save", False),
-        overlap_staging=d.get("overlap_staging", False),
-        allow_pickle=d.get("allow_pickle", False),
-        timeout_seconds=d.get("timeout_seconds"),
+        **kwargs,
     )
 
 
@@ -394,11 +526,10 @@ def load_config(
 ) -> ManagerConfig:
     """Load and validate a manager configuration from a YAML file path or a dict.
 
-    Top-level keys: ``root`` (required), ``storage_options``, ``retention``, ``mirror`` (a URL or
-    ``{url, storage_options}``), ``io``, ``async_save``, ``overlap_staging``, ``allow_pickle``,
-    ``timeout_seconds``. String values may use ``${VAR}`` / ``${VAR:-default}`` (``$${`` is a literal
-    ``${``); interpolation always yields strings. ``env`` (default ``os.environ``) is read for interpolation
-    and the ``CKPTSTORE_*`` overrides.
+    The keys are :data:`CONFIG_KEYS` (``root`` is required), documented in ``configs/README.md``; ``io:`` takes
+    the fields of :class:`~ckptstore.options.IOOptions`. String values may use ``${VAR}`` /
+    ``${VAR:-default}`` (``$${`` is a literal ``${``); interpolation always yields strings. ``env`` (default
+    ``os.environ``) is read for interpolation and the ``CKPTSTORE_*`` overrides.
 
     Raises :class:`~ckptstore.errors.ConfigError` (a ``ValueError``) for a missing or unreadable file, invalid
     YAML, unknown keys (with a did-you-mean), wrong types or unset variables; messages from a file start with
@@ -424,3 +555,149 @@ def load_config(
         return _build(data, env)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+# -- documentation -------------------------------------------------------------------------------------------
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under each field), by field name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):  # no source (e.g. a frozen app): no docs, the test reports it
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _cell(text: str) -> str:
+    # One table cell: RST ``literal`` -> Markdown `literal`, one line, pipes escaped.
+    return " ".join(text.replace("``", "`").split()).replace("|", "\\|")
+
+
+def _io_type(f: dataclasses.Field[Any]) -> str:
+    annotation = str(f.type).replace(" ", "")
+    nullable = "None" in annotation.split("|")
+    base = annotation.split("|")[0]
+    if f.name.endswith("_bytes"):
+        kind = "size"
+    else:
+        kind = {"bool": "bool", "int": "int", "float": "number", "str": "string"}.get(base, base)
+    return f"{kind} or null" if nullable else kind
+
+
+def _io_default(f: dataclasses.Field[Any]) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if f.name.endswith("_bytes") and isinstance(value, int) and value:
+        for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value % scale == 0:
+                return f"`{value // scale}{unit}`"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{int(value)}`"
+    return f"`{value}`"
+
+
+def _rows(rows: Sequence[tuple[str, str, str, str]], head: str) -> str:
+    lines = [f"| {head} | Type | Default | Meaning |", "|---|---|---|---|"]
+    lines += [f"| `{key}` | {_cell(typ)} | {_cell(default)} | {_cell(doc)} |" for key, typ, default, doc in rows]
+    return "\n".join(lines)
+
+
+def markdown_tables() -> dict[str, str]:
+    """The option tables of ``configs/README.md``, generated from the fields: ``{"fields": ..., "io": ...}``.
+
+    ``"fields"`` has a row per :class:`ManagerConfig` field (its metadata); ``"io"`` a row per
+    :class:`~ckptstore.options.IOOptions` field, with the type and default read from the field and the meaning
+    from its docstring (or a ``doc`` metadata entry). ``python -m ckptstore.config --markdown configs/README.md``
+    writes them between the ``<!-- BEGIN GENERATED: name -->`` / ``<!-- END GENERATED: name -->`` markers.
+
+    Example::
+
+        print(markdown_tables()["io"])
+    """
+    top = []
+    for f in dataclasses.fields(ManagerConfig):
+        m = f.metadata
+        # A field declared without metadata=_meta(...) gets empty cells, which the README test reports.
+        top.append((_yaml_key(f), m.get("type", ""), m.get("default", ""), m.get("doc", "")))
+        top.extend(m.get("rows", ()))
+    io_docs = _attribute_docs(IOOptions)
+    io_rows = [
+        (f"io.{f.name}", _io_type(f), _io_default(f), f.metadata.get("doc") or io_docs.get(f.name, ""))
+        for f in dataclasses.fields(IOOptions)
+    ]
+    return {"fields": _rows(top, "Field"), "io": _rows(io_rows, "Key")}
+
+
+def _marker(name: str) -> tuple[str, str]:
+    return (
+        f"<!-- BEGIN GENERATED: {name} (python -m ckptstore.config --markdown configs/README.md; edit the fields) -->",
+        f"<!-- END GENERATED: {name} -->",
+    )
+
+
+def update_markdown(text: str) -> str:
+    """``text`` with every generated table (between its markers) replaced by the current one.
+
+    Raises :class:`~ckptstore.errors.ConfigError` when a table's markers are missing.
+    """
+    for name, table in markdown_tables().items():
+        begin, end = _marker(name)
+        start, stop = text.find(begin), text.find(end)
+        if start < 0 or stop < start:
+            raise ConfigError(
+                f"the markers of the generated {name!r} table are missing: put {begin} and {end} around it"
+            )
+        text = text[: start + len(begin)] + "\n" + table + "\n" + text[stop:]
+    return text
+
+
+def _main(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ckptstore.config", description="Print or update the option tables of configs/README.md."
+    )
+    parser.add_argument(
+        "--markdown",
+        nargs="?",
+        const="-",
+        metavar="README",
+        required=True,
+        help="print the tables, or rewrite them in README between their markers",
+    )
+    args = parser.parse_args(argv)
+    if args.markdown == "-":
+        for name, table in markdown_tables().items():
+            print(f"{_marker(name)[0]}\n{table}\n{_marker(name)[1]}\n")
+        return 0
+    try:
+        with open(args.markdown, encoding="utf-8") as fh:
+            old = fh.read()
+        new = update_markdown(old)
+    except (OSError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if new != old:
+        with open(args.markdown, "w", encoding="utf-8") as fh:
+            fh.write(new)
+    print(f"{args.markdown}: {'updated' if new != old else 'up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

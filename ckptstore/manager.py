@@ -284,6 +284,11 @@ class CheckpointManager:
         mirror_storage_options: dict[str, Any] | None = None,
         comm: Comm | None = None,
     ) -> None:
+        """The keyword options are the fields of :class:`ckptstore.config.ManagerConfig` (documented in
+        ``configs/README.md``, where ``timeout_seconds`` is a config shorthand for ``io.timeout_seconds``),
+        plus ``comm``, the collectives to use (default: torch.distributed when initialised, else one process).
+        ``CheckpointManager(cfg.root, **cfg.to_kwargs())`` builds the manager a config describes.
+        """
         self.io = io if isinstance(io, IOOptions) else IOOptions.from_dict(io)
         self.storage: Storage = open_storage(os.fspath(root), storage_options, io=self.io)
         self.url = self.storage.url
@@ -322,6 +327,9 @@ class CheckpointManager:
     def from_config(cls, source: str | os.PathLike[str] | dict[str, Any], **overrides: Any) -> CheckpointManager:
         """Build a manager from a YAML file or a dict (see ``configs/README.md``).
 
+        Exactly ``cls(cfg.root, **cfg.to_kwargs())`` for ``cfg = ckptstore.config.load_config(source)``;
+        ``overrides`` are constructor keyword arguments that replace the config's (e.g. ``comm=``).
+
         Example::
 
             mgr = CheckpointManager.from_config("configs/local.yaml")
@@ -329,19 +337,7 @@ class CheckpointManager:
         from .config import load_config
 
         cfg = load_config(source)
-        kwargs: dict[str, Any] = {
-            "storage_options": cfg.storage_options,
-            "retention": cfg.retention,
-            "io": cfg.io,
-            "allow_pickle": cfg.allow_pickle,
-            "async_save": cfg.async_save,
-            "overlap_staging": cfg.overlap_staging,
-        }
-        if cfg.mirror:
-            kwargs["mirror"] = cfg.mirror
-            kwargs["mirror_storage_options"] = cfg.mirror_storage_options
-        kwargs.update(overrides)
-        return cls(cfg.root, **kwargs)
+        return cls(cfg.root, **{**cfg.to_kwargs(), **overrides})
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -439,20 +435,21 @@ class CheckpointManager:
         return self.info(steps[-1]) if steps else None
 
     def best(self, metric: str = "loss", mode: Literal["min", "max"] = "min") -> CheckpointInfo | None:
-        """The committed step with the best numeric ``metric`` (NaN and missing values never win)."""
-        if mode not in ("min", "max"):
-            from .errors import ConfigError
+        """The committed step with the best ``metric`` (``mode="min"``: lowest), or None if no step has one.
 
-            raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
-        best: CheckpointInfo | None = None
-        for info in self.history():
-            v = info.metric(metric)
-            if v is None or math.isnan(v):
-                continue
-            bv = best.metric(metric) if best else None
-            if bv is None or (v < bv if mode == "min" else v > bv) or v == bv:
-                best = info  # ties go to the newer step
-        return best
+        Ranked by :func:`ckptstore.retention.rank_by_metric`, the ranking ``KeepBest`` uses: only finite numbers
+        count (a missing, non-numeric, NaN or ±inf metric never wins, not even ``-inf`` under ``"min"``), ints
+        compare exactly however large, and on a tie the newer step wins. Raises ``ConfigError`` for a
+        ``mode`` other than ``"min"``/``"max"``.
+
+        Example::
+
+            mgr.best("accuracy", "max").step
+        """
+        from .retention import rank_by_metric
+
+        ranked = rank_by_metric(self.history(), metric, mode)
+        return ranked[0] if ranked else None
 
     # -- pins -----------------------------------------------------------------------------------------------
     def pin(self, step: int) -> None:

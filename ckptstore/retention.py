@@ -43,6 +43,8 @@ __all__ = [
     "RetentionPolicy",
     "coerce_retention",
     "explain",
+    "metric_value",
+    "rank_by_metric",
     "retention_from_dict",
     "select_deletions",
 ]
@@ -126,12 +128,80 @@ def _unique(infos: Iterable[CheckpointInfo]) -> dict[int, CheckpointInfo]:
     return out
 
 
-def _metric_value(info: Any, name: str) -> float | None:
-    # Same rule as CheckpointInfo.metric(), restated so duck-typed infos behave identically.
-    value = getattr(info, "metrics", {}).get(name)
+def metric_value(info: Any, name: str) -> int | float | None:
+    """The value of metric ``name`` of ``info`` if it can rank, else ``None``.
+
+    A value ranks when it is an ``int`` or ``float`` (``bool`` is not a number here) and finite: NaN, +inf and
+    -inf do not rank, nor do strings, ``None``, lists or a missing metric. The value is returned as stored,
+    never passed through ``float()``: an integer too large for a float (``10**400``, which a JSON manifest
+    can hold) is an ordinary finite number and compares exactly with floats, as Python compares them.
+
+    Example::
+
+        metric_value(info, "loss")     # 0.41, or None for a missing / NaN / inf / non-numeric loss
+    """
+    metrics = getattr(info, "metrics", None)
+    if not isinstance(metrics, Mapping):
+        return None
+    value = metrics.get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def rank_by_metric(infos: Iterable[CheckpointInfo], metric: str, mode: str) -> list[CheckpointInfo]:
+    """The steps of ``infos`` that have a rankable ``metric``, best first: the ONE ranking of "best".
+
+    :meth:`CheckpointManager.best() <ckptstore.CheckpointManager.best>`, ``restore(step="best")``, the CLI and
+    :class:`KeepBest` all rank with this function, so the step they call best is the same one. The rules:
+
+    - ``mode="min"``: lower is better; ``mode="max"``: higher is better.
+    - Only values accepted by :func:`metric_value` rank: a step whose metric is missing, non-numeric, NaN or
+      ±inf is left out of the result (it is never best, even ``-inf`` under ``"min"``); an empty result means
+      no step is best.
+    - Values compare exactly with Python's int/float semantics (a huge int never raises ``OverflowError``).
+    - Equal values: the newer (higher) step ranks first.
+    - A step listed twice counts once (its first occurrence).
+
+    ``infos`` is the list of candidates, e.g. the committed steps of one tier minus quarantined ones; the
+    function ranks exactly what it is given and does no I/O. Returns the given info objects.
+
+    Example::
+
+        rank_by_metric(mgr.history(), "loss", "min")[0].step     # the step best() returns
+    """
+    return [info for info, _ in _ranked(infos, metric, mode)]
+
+
+def _ranked(infos: Iterable[CheckpointInfo], metric: str, mode: str) -> list[tuple[CheckpointInfo, int | float]]:
+    # rank_by_metric with each step's value.
+    if not isinstance(metric, str) or not metric:
+        raise ConfigError(f"metric must be a non-empty string (a key of save(metrics=...)), got {metric!r}")
+    if mode not in ("min", "max"):
+        raise ConfigError(f"mode must be 'min' or 'max', got {mode!r}")
+    scored: list[tuple[int | float, int, CheckpointInfo, int | float]] = []
+    for step, info in _unique(infos).items():
+        value = metric_value(info, metric)
+        if value is not None:
+            scored.append((value if mode == "min" else -value, -step, info, value))
+    scored.sort(key=lambda t: (t[0], t[1]))  # never compares the infos themselves
+    return [(info, value) for _, _, info, value in scored]
+
+
+def _fmt_metric(value: int | float) -> str:
+    # f"{10**400:g}" raises OverflowError: such ints are shown like %g from their digits (truncated to 6).
+    try:
+        return f"{value:g}"
+    except OverflowError:
+        sign = "-" if value < 0 else ""
+        try:
+            digits = str(abs(value))
+        except ValueError:  # more digits than sys.get_int_max_str_digits()
+            return f"{sign}~1e+{int((abs(value).bit_length() - 1) * math.log10(2))}"
+        fraction = digits[1:6].rstrip("0")
+        return f"{sign}{digits[0]}{'.' + fraction if fraction else ''}e+{len(digits) - 1}"
 
 
 # -- policies ------------------------------------------------------------------------------------------------
@@ -192,9 +262,10 @@ class KeepLast(_Policy):
 class KeepBest(_Policy):
     """Keep the ``k`` steps with the best value of ``metric`` (``mode="min"``: lowest, ``"max"``: highest).
 
-    Only finite numeric values count. A step whose metric is missing, not a number (str, bool, None), NaN or
-    ±inf is never "best" and is not kept by this policy — a diverged step must not be protected forever.
-    Ties are broken deterministically in favour of the newer (higher) step.
+    Steps are ranked by :func:`rank_by_metric`, the same ranking as ``CheckpointManager.best()``: only finite
+    numbers count, so a step whose metric is missing, not a number (str, bool, None), NaN or ±inf is never
+    "best" and is not kept by this policy (a diverged step must not be protected forever); ints compare
+    exactly, however large; ties go to the newer (higher) step.
 
     Example::
 
@@ -213,16 +284,9 @@ class KeepBest(_Policy):
         if self.mode not in ("min", "max"):
             raise ConfigError(f"KeepBest: mode must be 'min' or 'max', got {self.mode!r}")
 
-    def ranked(self, infos: Sequence[CheckpointInfo]) -> list[tuple[int, float]]:
-        """``(step, value)`` of every step with a usable metric, best first (ties: newer step first)."""
-        scored = []
-        for step, info in _unique(infos).items():
-            value = _metric_value(info, self.metric)
-            if value is not None and math.isfinite(value):
-                scored.append((step, value))
-        sign = 1.0 if self.mode == "min" else -1.0
-        scored.sort(key=lambda sv: (sign * sv[1], -sv[0]))
-        return scored
+    def ranked(self, infos: Sequence[CheckpointInfo]) -> list[tuple[int, int | float]]:
+        """``(step, value)`` of every step with a rankable metric, best first (see :func:`rank_by_metric`)."""
+        return [(int(info.step), value) for info, value in _ranked(infos, self.metric, self.mode)]
 
     def keep(self, infos: Sequence[CheckpointInfo], *, now: float) -> set[int]:
         return {s for s, _ in self.ranked(infos)[: self.k]}
@@ -234,7 +298,7 @@ class KeepBest(_Policy):
         # Annotate what keep() returned (a subclass may override keep), not what ranked() would pick.
         values = dict(self.ranked(infos))
         return {
-            s: f"{self.describe()} [{self.metric}={values[s]:g}]" if s in values else self.describe()
+            s: f"{self.describe()} [{self.metric}={_fmt_metric(values[s])}]" if s in values else self.describe()
             for s in self.keep(infos, now=now)
         }
 

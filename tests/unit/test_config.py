@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
+import subprocess
+import sys
 import textwrap
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+import ckptstore.config as config
+from ckptstore import CheckpointManager
 from ckptstore.config import CONFIG_KEYS, ManagerConfig, load_config
 from ckptstore.errors import ConfigError
 from ckptstore.options import IOOptions, MiB
@@ -83,6 +92,195 @@ def test_readme_documents_every_field() -> None:
         assert f"`{var}`" in readme
 
 
+# -- one list of options: config fields = YAML keys = constructor keywords = README tables -------------------------
+
+REPO = CONFIGS.parent
+
+
+def _documented_keys() -> list[str]:
+    readme = (CONFIGS / "README.md").read_text()
+    keys = []
+    for name in ("fields", "io"):
+        block = readme.split(f"<!-- BEGIN GENERATED: {name} ")[1].split(f"<!-- END GENERATED: {name} -->")[0]
+        keys += re.findall(r"^\| `([a-z_.]+)`", block, flags=re.M)
+    return keys
+
+
+def test_readme_tables_are_the_ones_generated_from_the_fields() -> None:
+    readme = (CONFIGS / "README.md").read_text()
+    assert config.update_markdown(readme) == readme, (
+        "stale: run python -m ckptstore.config --markdown configs/README.md"
+    )
+    tables = config.markdown_tables()
+    for table in tables.values():
+        assert table in readme
+    # every field has its row with every cell filled, whatever fields ManagerConfig and IOOptions grow
+    rows = [(f"io.{f.name}", tables["io"]) for f in dataclasses.fields(IOOptions)]
+    rows += [(f.metadata.get("yaml") or f.name, tables["fields"]) for f in dataclasses.fields(ManagerConfig)]
+    for key, table in rows:
+        row = re.search(rf"^\| `{re.escape(key)}` \|(.*)\|(.*)\|(.*)\|$", table, flags=re.M)
+        assert row is not None, key
+        assert all(cell.strip() for cell in row.groups()), f"{key} has an empty cell: document the field"
+    keys = _documented_keys()
+    assert len(keys) == len(set(keys))
+    assert set(CONFIG_KEYS) <= set(keys)
+
+
+def test_update_markdown_rewrites_a_stale_table_and_needs_its_markers() -> None:
+    readme = (CONFIGS / "README.md").read_text()
+    stale = readme.replace("| `io.threads` | int | `4` |", "| `io.threads` | int | `8` |")
+    assert stale != readme
+    assert config.update_markdown(stale) == readme
+    with pytest.raises(ConfigError, match="markers of the generated 'io' table are missing"):
+        config.update_markdown(readme.replace("<!-- END GENERATED: io -->", ""))
+
+
+@pytest.mark.timeout(120)
+def test_markdown_command_prints_and_rewrites(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-m", "ckptstore.config", "--markdown"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    for table in config.markdown_tables().values():
+        assert table in out.stdout
+    copy = tmp_path / "README.md"
+    copy.write_text((CONFIGS / "README.md").read_text().replace("`512MiB`", "`1MiB`"))
+    cmd = [sys.executable, "-m", "ckptstore.config", "--markdown", str(copy)]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert first.returncode == 0 and first.stdout.strip().endswith("updated"), first.stderr
+    assert copy.read_text() == (CONFIGS / "README.md").read_text()
+    (tmp_path / "bare.md").write_text("# no markers\n")
+    bad = subprocess.run([*cmd[:-1], str(tmp_path / "bare.md")], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "markers of the generated" in bad.stderr
+
+
+def test_config_keywords_are_exactly_the_constructor_keywords() -> None:
+    sig = inspect.signature(CheckpointManager.__init__)
+    params = list(sig.parameters.values())
+    assert [p.name for p in params[:2]] == ["self", "root"]
+    keyword = {p.name: p for p in params[2:]}
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in keyword.values())
+    cfg = ManagerConfig(root="memory://x")
+    kwargs = cfg.to_kwargs()
+    assert set(keyword) == set(kwargs) | set(config.RUNTIME_KWARGS)
+    assert not set(kwargs) & set(config.RUNTIME_KWARGS)
+    # Same defaults: the constructor's None for a mapping or IOOptions means the config's empty default.
+    for name, value in kwargs.items():
+        default = keyword[name].default
+        assert default == value or (default is None and value in ({}, IOOptions())), name
+
+
+def test_constructor_accepts_the_config_kwargs_and_agrees_on_defaults() -> None:
+    # CheckpointManager(cfg.root, **cfg.to_kwargs()), as config.py documents it, raised TypeError on timeout_seconds.
+    cfg = load_config({"root": f"memory://cfg-{uuid.uuid4().hex}", "timeout_seconds": 33}, env={})
+    with CheckpointManager(cfg.root, **cfg.to_kwargs()) as mgr, CheckpointManager(cfg.root) as plain:
+        assert mgr.io == dataclasses.replace(plain.io, timeout_seconds=33.0)
+        for attr in ("retention", "allow_pickle", "async_save", "overlap_staging", "mirror_storage"):
+            assert getattr(mgr, attr) == getattr(plain, attr), attr
+
+
+def _sample_io_value(f: dataclasses.Field[Any]) -> Any:
+    # A valid value different from the default for any IOOptions field, also fields added later.
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(default, bool):
+        candidates: list[Any] = [not default]
+    elif default is None:
+        candidates = [24 * MiB, 3, 1.5, True]
+    elif isinstance(default, (int, float)):
+        candidates = [default + MiB if f.name.endswith("_bytes") else default + 1, default * 2, default - 1]
+    else:
+        raise AssertionError(f"no sample value for io.{f.name} = {default!r}: extend _sample_io_value")
+    for value in candidates:
+        try:
+            IOOptions(**{f.name: value})
+        except (ConfigError, TypeError):
+            continue
+        return value
+    raise AssertionError(f"no valid non-default sample value for io.{f.name}: extend _sample_io_value")
+
+
+def test_every_documented_key_round_trips_to_the_manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("CKPTSTORE_ROOT", "CKPTSTORE_MIRROR", "CKPTSTORE_STORAGE_OPTIONS"):
+        monkeypatch.delenv(var, raising=False)
+    run = uuid.uuid4().hex
+    io_values = {f.name: _sample_io_value(f) for f in dataclasses.fields(IOOptions)}
+    io_values["timeout_seconds"] = 123.0  # the same value as the top-level shorthand: both keys round-trip
+    # sizes written as strings where they can be, so the YAML parsing of sizes is part of the trip
+    io_yaml = {
+        k: f"{v // MiB}MiB" if k.endswith("_bytes") and isinstance(v, int) and v % MiB == 0 else v
+        for k, v in io_values.items()
+    }
+    doc = {
+        "root": f"memory://rt-{run}",
+        "storage_options": {"rt_option": run},
+        "retention": {"keep_last": 2, "keep_best": {"k": 1, "metric": "acc", "mode": "max"}},
+        "mirror": {"url": f"memory://rt-mirror-{run}", "storage_options": {"mirror_option": run}},
+        "io": io_yaml,
+        "async_save": True,
+        "overlap_staging": True,
+        "allow_pickle": True,
+        "timeout_seconds": 123,
+    }
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump(doc))
+
+    def opts(storage: Any) -> dict[str, Any]:
+        return dict(storage.fs.storage_options)
+
+    expected_retention = KeepLast(n=2) | KeepBest(k=1, metric="acc", mode="max")
+    checks = {
+        "root": lambda m: m.url == doc["root"],
+        "storage_options": lambda m: opts(m.storage) == {"rt_option": run},
+        "retention": lambda m: m.retention == expected_retention,
+        "mirror": lambda m: m.mirror_storage is not None and m.mirror_storage.url == doc["mirror"]["url"],
+        "mirror.url": lambda m: m.mirror_storage.url == doc["mirror"]["url"],
+        "mirror.storage_options": lambda m: opts(m.mirror_storage) == {"mirror_option": run},
+        "io": lambda m: m.io == IOOptions(**io_values),
+        "async_save": lambda m: m.async_save is True,
+        "overlap_staging": lambda m: m.overlap_staging is True,
+        "allow_pickle": lambda m: m.allow_pickle is True,
+        "timeout_seconds": lambda m: m.io.timeout_seconds == 123.0,
+    }
+    for name, value in io_values.items():
+        checks[f"io.{name}"] = lambda m, name=name, value=value: getattr(m.io, name) == value
+    # A documented key without a check here fails: extend `checks` (and `doc`) for a new top-level field.
+    assert set(_documented_keys()) == set(checks)
+    # and every documented key is set (to a non-default value) in the YAML above
+    flat = {k for k in doc} | {f"io.{k}" for k in doc["io"]} | {f"mirror.{k}" for k in doc["mirror"]}
+    assert set(_documented_keys()) == flat
+
+    cfg = load_config(path)
+    with CheckpointManager(cfg.root, **cfg.to_kwargs()) as direct, CheckpointManager.from_config(path) as built:
+        for key, check in checks.items():
+            assert check(direct), f"{key} did not reach CheckpointManager(cfg.root, **cfg.to_kwargs())"
+            assert check(built), f"{key} did not reach CheckpointManager.from_config()"
+
+
+def test_defaults_round_trip_too() -> None:
+    with CheckpointManager.from_config({"root": f"memory://d-{uuid.uuid4().hex}"}) as mgr:
+        assert mgr.io == IOOptions()
+        assert (mgr.retention, mgr.mirror_storage, mgr.async_save, mgr.allow_pickle) == (None, None, False, False)
+
+
+def test_from_config_overrides_are_constructor_keywords() -> None:
+    from ckptstore.dist import LocalComm
+
+    comm = LocalComm()
+    src = {"root": f"memory://o-{uuid.uuid4().hex}", "retention": {"keep_last": 5}}
+    with CheckpointManager.from_config(src, comm=comm, retention={"keep_last": 1}) as mgr:
+        assert mgr.comm is comm
+        assert mgr.retention == KeepLast(n=1)
+    with pytest.raises(TypeError, match="timeout_secs"):
+        CheckpointManager.from_config(src, timeout_secs=3)
+
+
+def test_shipped_local_config_sets_every_top_level_key() -> None:
+    data = yaml.safe_load((CONFIGS / "local.yaml").read_text())
+    assert set(data) == set(CONFIG_KEYS)
+
+
 # -- schema --------------------------------------------------------------------------------------------------------
 
 
@@ -119,7 +317,7 @@ def test_full_yaml(tmp_path: Path) -> None:
     assert cfg.io == IOOptions(threads=8, part_bytes=64 * MiB, file_bytes=10**9, verify=False, timeout_seconds=120)
     assert cfg.async_save is True and cfg.allow_pickle is True
     assert cfg.timeout_seconds == 120.0
-    assert set(cfg.to_kwargs()) == set(CONFIG_KEYS) - {"root"} | {"mirror_storage_options"}
+    assert set(cfg.to_kwargs()) == set(CONFIG_KEYS) - {"root", "timeout_seconds"} | {"mirror_storage_options"}
 
 
 def test_empty_sections_mean_defaults(tmp_path: Path) -> None:

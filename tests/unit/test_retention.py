@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 
 import pytest
+import torch
 
+import ckptstore.retention as retention
+from ckptstore import CheckpointManager
 from ckptstore.errors import ConfigError
 from ckptstore.retention import (
     AnyOf,
@@ -328,6 +332,136 @@ def test_guarantees_hold_for_random_inputs() -> None:
         # everything else is deleted: the policy is the only thing that keeps steps
         survivors = set(steps) - set(doomed)
         assert survivors == policy.keep(infos, now=NOW) | {max(steps)} | set(pinned) | set(protect)
+
+
+# -- the one ranking of "best": rank_by_metric, KeepBest and CheckpointManager.best() --------------------------------
+
+NAN, INF = float("nan"), float("inf")
+HUGE = 10**400  # a JSON manifest can hold it; float(HUGE) raises OverflowError
+
+RANK_CASES = [
+    # (id, losses by step, mode, expected ranking best first)
+    ("min", {1: 0.5, 2: 0.1, 3: 0.9}, "min", [2, 1, 3]),
+    ("max", {1: 0.5, 2: 0.1, 3: 0.9}, "max", [3, 1, 2]),
+    ("minus-inf-never-best-in-min", {1: -INF, 2: 0.3, 3: 0.2}, "min", [3, 2]),
+    ("plus-inf-never-best-in-max", {1: INF, 2: 0.3, 3: 0.2}, "max", [2, 3]),
+    ("nan-never-ranks", {1: NAN, 2: 0.3, 3: NAN}, "min", [2]),
+    ("nan-never-ranks-max", {1: NAN, 2: 0.3, 3: NAN}, "max", [2]),
+    ("only-non-finite-means-no-best", {1: NAN, 2: INF, 3: -INF}, "min", []),
+    ("non-numeric-and-bool-never-rank", {1: "0.1", 2: True, 3: None, 4: [0.1], 5: 0.7}, "min", [5]),
+    ("ints-and-floats-mix", {1: 2, 2: 1.5, 3: 1}, "min", [3, 2, 1]),
+    ("huge-int-max", {1: 1e308, 2: HUGE, 3: 7}, "max", [2, 1, 3]),
+    ("huge-int-min", {1: 1e308, 2: HUGE, 3: 7}, "min", [3, 1, 2]),
+    ("negative-huge-int-min", {1: -1e308, 2: -HUGE, 3: 0.0}, "min", [2, 1, 3]),
+    ("huge-ints-compare-exactly", {1: HUGE + 1, 2: HUGE, 3: HUGE + 2}, "max", [3, 1, 2]),
+    ("tie-newer-step-first-min", {9: 0.5, 100: 0.5, 11: 0.5, 3: 0.7}, "min", [100, 11, 9, 3]),
+    ("tie-newer-step-first-max", {9: 0.5, 100: 0.5, 11: 0.5, 3: 0.7}, "max", [3, 100, 11, 9]),
+    ("tie-int-and-float", {4: 1, 5: 1.0}, "min", [5, 4]),
+    ("empty", {}, "min", []),
+]
+
+
+def _losses(losses: dict[int, object]) -> list[CheckpointInfo]:
+    return shuffled([CheckpointInfo(step=s, metrics={} if v is None else {"loss": v}) for s, v in losses.items()])
+
+
+@pytest.mark.parametrize(("losses", "mode", "expected"), [c[1:] for c in RANK_CASES], ids=[c[0] for c in RANK_CASES])
+def test_rank_by_metric(losses: dict[int, object], mode: str, expected: list[int]) -> None:
+    infos = _losses(losses)
+    assert [i.step for i in retention.rank_by_metric(infos, "loss", mode)] == expected
+
+
+@pytest.mark.parametrize(("losses", "mode", "expected"), [c[1:] for c in RANK_CASES], ids=[c[0] for c in RANK_CASES])
+def test_keep_best_follows_the_ranking_and_never_raises(
+    losses: dict[int, object], mode: str, expected: list[int]
+) -> None:
+    infos = _losses(losses)
+    policy = KeepBest(k=2, metric="loss", mode=mode)
+    assert [s for s, _ in policy.ranked(infos)] == expected
+    assert policy.keep(infos, now=NOW) == set(expected[:2])
+    doomed = select_deletions(infos, policy, now=NOW)  # raised OverflowError on a huge int before
+    newest = max(losses, default=None)
+    assert set(doomed) == set(losses) - set(expected[:2]) - {newest}
+    for d in explain(infos, policy, now=NOW):
+        assert d.describe()  # the reason text of a huge metric is formatted without overflowing
+
+
+def test_explain_shows_a_huge_metric() -> None:
+    infos = [info(1, loss=HUGE), info(2, loss=0.5), info(3)]
+    reasons = {d.step: d.describe() for d in explain(infos, KeepBest(k=2, mode="max"), now=NOW)}
+    assert reasons[1] == "kept: best 2 by loss (max) [loss=1e+400]"
+    assert reasons[2] == "kept: best 2 by loss (max) [loss=0.5]"
+
+
+def test_rank_by_metric_counts_a_step_once_and_returns_the_given_infos() -> None:
+    first, second = CheckpointInfo(step=5, metrics={"loss": 0.9}), CheckpointInfo(step=5, metrics={"loss": 0.1})
+    other = CheckpointInfo(step=6, metrics={"loss": 0.5})
+    ranked = retention.rank_by_metric([first, other, second], "loss", "min")
+    assert ranked == [other, first] and ranked[1] is first
+
+
+def test_rank_by_metric_tolerates_hostile_infos() -> None:
+    class Odd:
+        step = 3
+        metrics = ["not", "a", "mapping"]
+
+    infos = [Odd(), CheckpointInfo(step=1, metrics={"loss": 0.2}), CheckpointInfo(step=2)]
+    assert [i.step for i in retention.rank_by_metric(infos, "loss", "min")] == [1]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "message"),
+    [
+        ("loss", "avg", "mode must be 'min' or 'max', got 'avg'"),
+        ("loss", None, "mode must be 'min' or 'max', got None"),
+        ("", "min", "metric must be a non-empty string"),
+        (3, "min", "metric must be a non-empty string"),
+    ],
+)
+def test_rank_by_metric_rejects_bad_arguments(metric: object, mode: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        retention.rank_by_metric([], metric, mode)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_manager_best_is_the_step_keep_best_keeps(tmp_path, mode: str) -> None:
+    # Losses chosen so that the old best() (which skipped only NaN) and KeepBest (finite only) disagreed: -inf
+    # won "min" and +inf won "max" in best(), and the huge int made best() raise OverflowError.
+    losses = {1: 0.4, 2: -INF, 3: INF, 4: NAN, 5: 0.2, 6: 0.2, 7: HUGE, 8: -HUGE, 9: "x", 10: None, 11: 0.3}
+    expected = [8, 6, 5, 11, 1, 7] if mode == "min" else [7, 1, 11, 6, 5, 8]
+    policy = KeepBest(k=1, metric="loss", mode=mode)
+    with CheckpointManager(str(tmp_path / "ckpt"), retention=policy) as mgr:
+        for step, loss in losses.items():
+            mgr.save(step, {"w": torch.zeros(1)}, metrics={} if loss is None else {"loss": loss})
+            best = mgr.best("loss", mode)  # type: ignore[arg-type]
+            # after every commit, best() is the step retention just kept (newest aside)
+            survivors = set(mgr.steps())
+            assert survivors <= {step} | ({best.step} if best else set())
+            if best is not None:
+                assert best.step in survivors
+                assert best.step == policy.ranked(mgr.history())[0][0]
+        assert best is not None and best.step == expected[0]
+        ranked = retention.rank_by_metric(mgr.history(), "loss", mode)
+        assert [i.step for i in ranked] == [expected[0], 11]  # the others were deleted: the best and newest remain
+        assert mgr.steps() == sorted({expected[0], 11})
+        assert torch.equal(mgr.load("best")["w"], torch.zeros(1))
+
+
+def test_manager_best_ranks_every_committed_step(tmp_path) -> None:
+    losses = {1: 0.4, 2: -INF, 3: INF, 4: NAN, 5: 0.2, 6: 0.2, 7: HUGE, 8: -HUGE, 9: "x", 10: None, 11: 0.3}
+    with CheckpointManager(str(tmp_path / "ckpt")) as mgr:  # no retention: every step stays
+        for step, loss in losses.items():
+            mgr.save(step, {"w": torch.full((1,), float(step))}, metrics={} if loss is None else {"loss": loss})
+        assert mgr.best("loss", "min").step == 8  # type: ignore[union-attr]
+        assert mgr.best("loss", "max").step == 7  # type: ignore[union-attr]
+        assert mgr.best("missing") is None
+        for mode in ("min", "max"):
+            order = [i.step for i in retention.rank_by_metric(mgr.history(), "loss", mode)]
+            assert order == ([8, 6, 5, 11, 1, 7] if mode == "min" else [7, 1, 11, 6, 5, 8])
+            assert mgr.best("loss", mode).step == order[0]  # type: ignore[arg-type, union-attr]
+        assert torch.equal(mgr.load("best")["w"], torch.full((1,), 8.0))
+        with pytest.raises(ConfigError, match="mode must be 'min' or 'max'"):
+            mgr.best("loss", "avg")  # type: ignore[arg-type]
 
 
 # -- explain -------------------------------------------------------------------------------------------------------
