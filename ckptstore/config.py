@@ -199,6 +199,16 @@ class ManagerConfig:
             "stored this way loads only with `trusted=True`.",
         ),
     )
+    distributed: bool | None = field(
+        default=None,
+        metadata=_meta(
+            type="bool or null",
+            default_doc="`null` (auto)",
+            doc="`null`: take part in the torch.distributed job when one is initialised with more than one rank. "
+            "`false`: never talk to other ranks (a manager on rank 0 alone for evaluation or export; it saves and "
+            "restores as a single process). `true`: require an initialised job (error otherwise).",
+        ),
+    )
     timeout_seconds: float | None = field(
         default=None,
         metadata=_meta(
@@ -247,6 +257,10 @@ class ManagerConfig:
             value = getattr(self, f.name)
             if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise ConfigError(f"{_yaml_key(f)} must be true or false, got {value!r} ({_type_name(value)})")
+        if self.distributed is not None and not isinstance(self.distributed, bool):
+            raise ConfigError(
+                f"distributed must be true, false or null, got {self.distributed!r} ({_type_name(self.distributed)})"
+            )
         t = self.timeout_seconds
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:

@@ -22,7 +22,7 @@ import torch
 
 from . import overlap
 from ._version import __version__
-from .dist import Comm, default_comm
+from .dist import Comm, LocalComm, default_comm
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -282,6 +282,7 @@ class CheckpointManager:
         overlap_staging: bool = False,
         mirror: str | os.PathLike[str] | None = None,
         mirror_storage_options: dict[str, Any] | None = None,
+        distributed: bool | None = None,
         comm: Comm | None = None,
     ) -> None:
         """The keyword options are the fields of :class:`ckptstore.config.ManagerConfig` (documented in
@@ -298,7 +299,16 @@ class CheckpointManager:
             raise ConfigError(f"overlap_staging must be True or False, got {overlap_staging!r}")
         self.overlap_staging = overlap_staging
         self.retention = _coerce_retention(retention)
-        self.comm = comm if comm is not None else default_comm(self.io.timeout_seconds)
+        if distributed is not None and not isinstance(distributed, bool):
+            raise ConfigError(f"distributed must be True, False or None, got {distributed!r}")
+        if comm is None:
+            comm = LocalComm() if distributed is False else default_comm(self.io.timeout_seconds)
+            if distributed and not comm.is_distributed:
+                raise ConfigError(
+                    "distributed=True but torch.distributed is not initialised with more than one rank; call "
+                    "torch.distributed.init_process_group() first (or leave distributed=None)"
+                )
+        self.comm = comm  # no collective yet: a process group is created at the first save/restore
         self._manifests: dict[tuple[str, int], Manifest] = {}
         # Tiered storage: commit on the (fast, local) primary, then copy each committed step to the mirror in
         # the background; restore takes the newest verified step of either tier.

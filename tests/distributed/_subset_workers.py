@@ -34,4 +34,10 @@ def rank0_alone(rank: int, world: int, root: str, timeout: float) -> dict[str, A
         out["save_error"] = str(e)
         out["failed_ranks"] = dict(getattr(e, "failed_ranks", {}) or {})
     out["save_seconds"] = time.perf_counter() - t0
+    # distributed=False: a manager that never talks to the other ranks saves and restores as one process.
+    local = CheckpointManager(root + "-export", distributed=False)
+    out["local_save"] = local.save(7, {"w": torch.full((64,), 7.0)}).step
+    target = {"w": torch.zeros(64)}
+    out["local_restore"] = local.restore(target).step
+    out["local_value"] = target["w"]
     return out

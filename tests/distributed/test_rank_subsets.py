@@ -24,3 +24,5 @@ def test_manager_on_rank0_alone_reads_and_a_lone_save_fails_in_bounded_time(tmp_
     assert r0["save"] == "DistributedSaveError", r0
     assert 1 in r0["failed_ranks"] and "never reached" in r0["save_error"], r0["save_error"]
     assert r0["save_seconds"] < 4 * timeout
+    assert r0["local_save"] == 7 and r0["local_restore"] == 7
+    assert torch.equal(r0["local_value"], torch.full((64,), 7.0))

@@ -18,6 +18,7 @@ import yaml
 import ckptstore.config as config
 from ckptstore import CheckpointManager
 from ckptstore.config import CONFIG_KEYS, ManagerConfig, load_config
+from ckptstore.dist import LocalComm
 from ckptstore.errors import ConfigError
 from ckptstore.options import IOOptions, MiB
 from ckptstore.retention import RETENTION_KEYS, AnyOf, KeepBest, KeepLast, KeepPinned
@@ -221,6 +222,7 @@ def test_every_documented_key_round_trips_to_the_manager(tmp_path: Path, monkeyp
         "async_save": True,
         "overlap_staging": True,
         "allow_pickle": True,
+        "distributed": False,
         "timeout_seconds": 123,
     }
     path = tmp_path / "all.yaml"
@@ -241,6 +243,7 @@ def test_every_documented_key_round_trips_to_the_manager(tmp_path: Path, monkeyp
         "async_save": lambda m: m.async_save is True,
         "overlap_staging": lambda m: m.overlap_staging is True,
         "allow_pickle": lambda m: m.allow_pickle is True,
+        "distributed": lambda m: type(m.comm) is LocalComm,
         "timeout_seconds": lambda m: m.io.timeout_seconds == 123.0,
     }
     for name, value in io_values.items():
@@ -367,7 +370,7 @@ BAD = [
     ({"root": "/r", "storage_option": {}}, ["'storage_option' (did you mean 'storage_options'?)"]),
     ({"root": "/r", "asyncsave": True}, ["'asyncsave' (did you mean 'async_save'?)"]),
     ({"root": "/r", "Root": "/x"}, ["'Root' (did you mean 'root'?)"]),
-    ({"root": "/r", "zebra": 1}, ["unknown config key 'zebra'; valid keys: allow_pickle, async_save, io"]),
+    ({"root": "/r", "zebra": 1}, ["unknown config key 'zebra'; valid keys: allow_pickle, async_save, distributed, io"]),
     ({}, ["root is required", "CKPTSTORE_ROOT"]),
     ({"root": ""}, ["root must be a non-empty string"]),
     ({"root": 42}, ["root must be a non-empty string", "got 42 (int)"]),
