@@ -375,18 +375,11 @@ class CheckpointManager:
         """Committed steps (those with a manifest), ascending as integers; ``tier="all"`` merges both tiers."""
         if tier == "all":
             return sorted({s for t in self.tiers for s in self.steps(t)})  # type: ignore[arg-type]
-        storage = self._tier(tier)
-        out = []
-        for entry in storage.list_entries(""):
-            s = parse_step_dir(entry.name)
-            if s is None:
-                continue
-            if entry.kind != "dir":
-                log.warning("ignoring %s under %s: a %s, not a step directory", entry.name, storage.url, _kind(entry))
-                continue
-            if (tier, s) in self._manifests or storage.exists(f"{entry.name}/{MANIFEST_NAME}"):
-                out.append(s)
-        return sorted(out)
+        from .transfer import committed_steps
+
+        with self._lock:
+            known = {s for t, s in self._manifests if t == tier}
+        return committed_steps(self._tier(tier), known)
 
     def _manifest(self, step: int, tier: str = "primary") -> Manifest:
         m = self._manifests.get((tier, step))

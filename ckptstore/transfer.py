@@ -27,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +43,7 @@ from .errors import (
 from .format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, Piece, parse_step_dir, step_dir
 from .format.safetensors import parse_header
 from .io import crc32c
-from .storage.base import Storage
+from .storage.base import NotRegularFileError, Storage
 
 log = logging.getLogger("ckptstore")
 
@@ -161,17 +161,25 @@ def as_storage(x: Any) -> Storage:
     return st
 
 
-def committed_steps(storage: Storage) -> list[int]:
+def committed_steps(storage: Storage, known: Container[int] = ()) -> list[int]:
     """Committed steps (a ``manifest.json`` exists) under ``storage``, ascending as integers.
+
+    Only real step directories count: a symbolic link, FIFO or file named like a step is skipped with a warning
+    (never followed). Steps in ``known`` (e.g. manifests already read) are not checked again.
 
     Example::
 
         committed_steps(open_storage("/ckpt"))   # [100, 200, 1000]
     """
     out = []
-    for name in storage.list_dir(""):
-        s = parse_step_dir(name)
-        if s is not None and storage.exists(f"{name}/{MANIFEST_NAME}"):
+    for entry in storage.list_entries(""):
+        s = parse_step_dir(entry.name)
+        if s is None:
+            continue
+        if entry.kind != "dir":
+            log.warning("ignoring %s under %s: not a real step directory (%s)", entry.name, storage.url, entry.kind)
+            continue
+        if s in known or storage.exists(f"{entry.name}/{MANIFEST_NAME}"):
             out.append(s)
     return sorted(out)
 
@@ -191,6 +199,11 @@ def read_manifest(storage: Storage, step: int) -> tuple[Manifest, bytes]:
         data = storage.read_bytes(rel)
     except (FileNotFoundError, EOFError):
         raise CheckpointNotFoundError(f"step {step} is not committed under {storage.url}", step=step) from None
+    except NotRegularFileError as e:
+        # A FIFO would block, /dev/zero never end, a directory cannot be read: damage (or an attack), never read.
+        raise ManifestError(f"{where} is a {e.kind or 'special file'}, not a manifest file: {e}") from None
+    if len(data) > MAX_MANIFEST_BYTES:  # replaced by a bigger file between the two calls
+        raise ManifestError(f"{where}: {len(data)} bytes is larger than allowed; refusing to parse it")
     m = Manifest.from_bytes(data, where=where)
     if m.step != step:
         raise ManifestError(f"{where} says step {m.step}, but it lives under step {step}")
