@@ -189,6 +189,32 @@ class _WriteTarget(NamedTuple):
     path: str  # the full path, for messages
 
 
+# Filesystems on which load() may map shard files (see LocalStorage.map_private): local disks and memory.
+_MAP_SAFE_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "overlay", "bcachefs"})
+
+
+def _fs_type(path: str) -> str:
+    """The filesystem type of the mount holding ``path`` (Linux ``/proc/self/mountinfo``; "" if unknown)."""
+    path = os.path.realpath(path)
+    while not os.path.exists(path) and path != "/":
+        path = os.path.dirname(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, rfields = left.split(), right.split()
+                if len(fields) < 5 or not rfields:
+                    continue
+                mnt = fields[4].replace("\\040", " ")
+                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best):
+                    best, kind = mnt, rfields[0]
+    except OSError:
+        return ""
+    return kind
+
+
 class LocalStorage(Storage):
     """Storage on a local (or locally mounted) filesystem.
 
@@ -218,6 +244,7 @@ class LocalStorage(Storage):
         # (renameat2 RENAME_NOREPLACE) until that says it cannot, then "excl" (O_EXCL of the final name).
         self._commit_mode = "link" if _renameat2 is not None else "link-excl"
         self._mode_lock = threading.Lock()
+        self._maps_unsafe: bool | None = None  # learnt at the first map_private
 
     # -- capabilities learnt at the first commit -----------------------------------------------------------
     @property
@@ -649,6 +676,15 @@ class LocalStorage(Storage):
             os.close(fd)
 
     def map_private(self, rel: str) -> mmap.mmap | None:
+        # A mapping shows later changes of the file (copy-on-write covers only our own writes), and touching a page
+        # that a truncation removed kills the process (SIGBUS). ckptstore never rewrites or truncates a committed
+        # shard (deleting one keeps the mapping valid), so on a local filesystem only a foreign process rewriting
+        # files in place could do that. Network and FUSE filesystems, where other hosts write and pages are
+        # revalidated, get private copies instead.
+        if self._maps_unsafe is None:
+            self._maps_unsafe = _fs_type(self.root) not in _MAP_SAFE_FS
+        if self._maps_unsafe:
+            return None
         fd, st = self._open_read(rel)
         try:
             if st.st_size == 0:
