@@ -174,6 +174,7 @@ class S3Storage(Storage):
         self._conditional_reason = ""  # why not, when the server rejected the condition
         self._warned_single_writer = False
         self._multipart_listing = True  # False once the server said ListMultipartUploads is not implemented
+        self._multipart_abort = True  # False once the server said AbortMultipartUpload is not implemented
 
     @property
     def preferred_file_bytes(self) -> int:  # type: ignore[override]
@@ -953,13 +954,24 @@ class _S3Writer:
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is None:
             return
+        st = self._st
+        if not st._multipart_abort:
+            return  # the server said it cannot (and warned once)
         try:
             with contextlib.suppress(FileNotFoundError):
-                self._st._call(
-                    "AbortMultipartUpload", "abort_multipart_upload", self._key, Key=self._key, UploadId=upload_id
-                )
+                st._call("AbortMultipartUpload", "abort_multipart_upload", self._key, Key=self._key, UploadId=upload_id)
             log.debug("aborted multipart upload of %s (%s)", self.display, upload_id)
         except Exception as e:
+            if is_not_implemented(e):
+                st._multipart_abort = False
+                log.warning(
+                    "the S3 server at %s does not implement AbortMultipartUpload (%s): the parts of failed uploads "
+                    "under %s stay on the server; use a bucket lifecycle rule or the server's own tools",
+                    st.endpoint,
+                    e,
+                    st.url,
+                )
+                return
             log.warning(
                 "could not abort multipart upload %s of %s (abort_incomplete_uploads will): %s",
                 upload_id,
