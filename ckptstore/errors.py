@@ -110,6 +110,12 @@ class StorageError(CheckpointError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnsupportedStorageError(StorageError):
+    """The storage lacks a guarantee ckptstore relies on, e.g. an S3-compatible server that ignores
+    ``If-None-Match: *`` (two writers of one step would both "commit"). The message names the limitation and the
+    opt-in (``IOOptions.s3_single_writer``) where one exists. ``errno`` is ``EOPNOTSUPP``."""
+
+
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
@@ -122,5 +128,6 @@ __all__ = [
     "StateMismatchError",
     "StorageError",
     "UnsafeCheckpointError",
+    "UnsupportedStorageError",
     "UnsupportedValueError",
 ]

@@ -678,17 +678,27 @@ class CheckpointManager:
         prefix = step_dir(job.step)
         # 1. Rank 0 checks the step is free and picks the save id; everyone learns the answer.
         decision: dict[str, Any] = {}
+        check_error: OSError | None = None
         if comm.rank == 0:
             try:
                 exists = self.storage.exists(f"{prefix}/{MANIFEST_NAME}")
             except OSError as e:
                 exists = None
+                check_error = e
                 decision["error"] = f"cannot check {self.url}: {e}"
             decision.update(exists=exists, save_id=uuid.uuid4().hex[:8])
         decision = comm.broadcast(decision, what=f"start of the save of step {job.step}")
         if decision.get("error"):
             if not comm.is_distributed:
-                raise StorageError(f"step {job.step} was not saved: {decision['error']}")
+                what = f"step {job.step} was not saved"
+                if isinstance(check_error, StorageError):  # typed by the storage: keep its class and errno
+                    err = type(check_error)(f"{what}: {decision['error']}")
+                    e0 = check_error
+                    err.errno, err.strerror, err.filename = e0.errno, e0.strerror, e0.filename
+                    raise err from check_error
+                if check_error is not None:
+                    raise _typed_os_error(check_error, f"{what}: cannot check {self.url}") from check_error
+                raise StorageError(f"{what}: {decision['error']}")
             raise DistributedSaveError(decision["error"], failed_ranks={0: decision["error"]})
         if decision["exists"]:
             raise CheckpointExistsError(

@@ -52,6 +52,19 @@ class IOOptions:
     staging_budget_bytes: int | None = None
     """Most host memory async saves may hold in staging buffers (None: as much as the state needs). A state
     larger than the budget is saved synchronously, with a warning."""
+    request_deadline_seconds: float = 300.0
+    """S3: the most time one request may take, its retries and the whole request and response bodies included
+    (a ranged GET of ``read_chunk_bytes``, a part or single PUT of up to ``single_put_bytes``). A server that
+    answers, or reads, a byte every few seconds never trips a socket timeout; this deadline cuts it off: the
+    connection is closed and the request fails with ``StorageError`` (errno ``ETIMEDOUT``), not retried. Raise
+    it for very large parts over slow links (the default allows ~0.45 MB/s for a 128 MiB PUT)."""
+    s3_single_writer: bool = False
+    """S3: allow a server that ignores ``If-None-Match: *`` on ``PutObject`` (s3rver and other S3-compatible
+    servers; AWS S3 and moto enforce it). The commit of a step relies on that condition: without it, two
+    writers of one step both succeed and the second manifest silently replaces the first. ckptstore checks the
+    server once per storage (a probe object, written twice, then deleted) and refuses to commit on such a server
+    with ``UnsupportedStorageError``, unless this is true. Set it only when ONE process ever writes to this root:
+    commits then check for an existing manifest before they write (not atomic), with a warning."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -62,7 +75,7 @@ class IOOptions:
                 if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 19:
                     raise ConfigError(f"io.background_nice must be an int from 0 to 19, got {v!r}")
                 continue
-            if f.name in ("verify", "mmap_load"):
+            if f.name in ("verify", "mmap_load", "s3_single_writer"):
                 if not isinstance(v, bool):
                     raise ConfigError(f"io.{f.name} must be true or false, got {v!r}")
                 continue

@@ -19,11 +19,13 @@ import bisect
 import contextlib
 import errno
 import http.client
+import importlib
 import io
 import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -31,16 +33,20 @@ from typing import Any
 
 import fsspec
 
-from ..errors import StorageError
+from ..errors import StorageError, UnsupportedStorageError
 from ..options import IOOptions
 from .base import Buffer, Storage, _check_rel
-from .retry import RetryPolicy
+from .retry import RetryPolicy, _storage_error, attach_connection, is_not_implemented, s3_error_info
 
 log = logging.getLogger("ckptstore")
 
 MAX_PARTS = 10_000  # S3 limit per multipart upload
 _DELETE_BATCH = 1000  # S3 limit per DeleteObjects request
 _FALLBACK_READ = 8 << 20
+#: Name prefix of the objects that probe a server for conditional writes (directly under the root).
+PROBE_PREFIX = ".ckptstore-probe-"
+#: gc removes probe objects only when they are older than this (a younger one may be in use by another process).
+PROBE_MIN_AGE_SECONDS = 600.0
 
 
 def _byte_view(b: Buffer | bytes | bytearray) -> memoryview:
@@ -163,6 +169,12 @@ class S3Storage(Storage):
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         self._op_params: dict[str, frozenset[str]] = {}
+        self._probe_lock = threading.Lock()
+        self._conditional: bool | None = None  # does the server enforce If-None-Match? (None: not probed yet)
+        self._conditional_reason = ""  # why not, when the server rejected the condition
+        self._warned_single_writer = False
+        self._multipart_listing = True  # False once the server said ListMultipartUploads is not implemented
+        self._multipart_abort = True  # False once the server said AbortMultipartUpload is not implemented
 
     @property
     def preferred_file_bytes(self) -> int:  # type: ignore[override]
@@ -232,15 +244,27 @@ class S3Storage(Storage):
     def _call(self, op: str, method: str, key: str, **kwargs: Any) -> Any:
         params = self._params(op, **kwargs)
         fn = getattr(self.client, method)
-        return self.retry.call(lambda: fn(**params), op=op, key=self._display(key))
+        return self._retry(lambda: fn(**params), op, self._display(key))
 
     def _call_with_body(self, op: str, method: str, key: str, views: list[memoryview], **kwargs: Any) -> Any:
         """``_call`` with a request body made of ``views``: sent as they are, re-read from the start on a retry."""
         params = self._params(op, **kwargs)
         fn = getattr(self.client, method)
         if len(views) == 1:
-            return self.retry.call(lambda: fn(Body=views[0], **params), op=op, key=self._display(key))
-        return self.retry.call(lambda: fn(Body=_ViewsBody(views), **params), op=op, key=self._display(key))
+            return self._retry(lambda: fn(Body=views[0], **params), op, self._display(key))
+        return self._retry(lambda: fn(Body=_ViewsBody(views), **params), op, self._display(key))
+
+    def _retry(self, fn: Callable[[], Any], op: str, display: str) -> Any:
+        """``fn`` through the retry policy, bounded by ``io.request_deadline_seconds`` (every S3 request)."""
+        return self.retry.call(
+            fn, op=op, key=display, deadline=self.io.request_deadline_seconds, endpoint=self.endpoint
+        )
+
+    @property
+    def endpoint(self) -> str | None:
+        """The server's URL (for messages); None before the client exists."""
+        c = self._client
+        return str(c.meta.endpoint_url) if c is not None else None
 
     def _display(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -325,9 +349,19 @@ class S3Storage(Storage):
         self._invalidate(rel)
 
     def create_exclusive(self, rel: str, data: bytes) -> None:
-        """One ``PutObject`` with ``If-None-Match: *``: atomic, create-only (412 → ``FileExistsError``)."""
+        """One ``PutObject`` with ``If-None-Match: *``: atomic, create-only (412 → ``FileExistsError``).
+
+        The first call checks that the server enforces the condition (:meth:`check_conditional_writes`); on one
+        that does not, this raises ``UnsupportedStorageError`` — or, with ``io.s3_single_writer``, checks for
+        an existing object and then writes (not atomic: one writer only).
+        """
         key = self._key(rel)
+        if not key:
+            raise IsADirectoryError(errno.EISDIR, "cannot write the storage root", self.url)
         body = _byte_view(data)
+        if not self.check_conditional_writes():
+            self._create_single_writer(rel, key, body)
+            return
         params = self._params("PutObject", Key=key, Body=body, IfNoneMatch="*")
         attempts = 0
 
@@ -337,7 +371,7 @@ class S3Storage(Storage):
             return self.client.put_object(**params)
 
         try:
-            self.retry.call(put, op="PutObject(If-None-Match)", key=self._display(key))
+            self._retry(put, "PutObject(If-None-Match)", self._display(key))
         except FileExistsError:
             # A retried PUT may have landed the first time with its answer lost: then the 412 is our own write.
             if not (attempts > 1 and self._has_content(key, body)):
@@ -345,6 +379,111 @@ class S3Storage(Storage):
             log.info("conditional PUT of %s succeeded on an earlier attempt", self._display(key))
         finally:
             self._invalidate(rel)
+
+    # -- conditional writes: never assume the server enforces them ------------------------------------------
+    def check_conditional_writes(self) -> bool:
+        """True when the server enforces ``If-None-Match: *`` on ``PutObject`` (probed once, then cached).
+
+        The probe writes ``<root>/.ckptstore-probe-<uuid>`` twice with the condition (the second write must be
+        refused with 412) and deletes it. On a server that ignores or rejects the condition this raises
+        :class:`~ckptstore.errors.UnsupportedStorageError`, unless ``io.s3_single_writer`` is set: then it
+        warns once and returns False (commits fall back to check-then-write).
+        """
+        enforced = self._conditional
+        if enforced is None:
+            with self._probe_lock:
+                if self._conditional is None:
+                    self._conditional = self._probe_conditional_put()
+                enforced = self._conditional
+        if enforced:
+            return True
+        if not self.io.s3_single_writer:
+            raise _storage_error(UnsupportedStorageError, self._unsupported_message(), errno.EOPNOTSUPP, self.url)
+        if not self._warned_single_writer:
+            self._warned_single_writer = True
+            log.warning(
+                "%s; io.s3_single_writer=True: commits under %s check for an existing manifest, then write it — "
+                "NOT atomic: only one process may ever write to this root",
+                self._limitation(),
+                self.url,
+            )
+        return False
+
+    def _limitation(self) -> str:
+        how = "rejects" if self._conditional_reason else "ignores"
+        why = f" ({self._conditional_reason})" if self._conditional_reason else ""
+        return f"the S3 server at {self.endpoint} {how} 'If-None-Match: *' on PutObject{why}"
+
+    def _unsupported_message(self) -> str:
+        return (
+            f"{self._limitation()}: a probe object written twice with that condition was "
+            f"{'refused' if self._conditional_reason else 'accepted both times'}. ckptstore commits a step with "
+            "one conditional PUT of its manifest; on this server two writers of one step would both succeed and "
+            "the second manifest would silently replace the first. Use a server that enforces conditional writes "
+            f"(AWS S3 does), or — only if exactly one process ever writes to {self.url} — set "
+            "io.s3_single_writer=True (IOOptions(s3_single_writer=True), or 'io: {s3_single_writer: true}' in a "
+            "config file)"
+        )
+
+    def _probe_conditional_put(self) -> bool:
+        key = self._key(f"{PROBE_PREFIX}{uuid.uuid4().hex}")
+        display = self._display(key)
+        op = "PutObject(If-None-Match) probe"
+
+        def put() -> Any:
+            return self.client.put_object(**self._params("PutObject", Key=key, Body=b"", IfNoneMatch="*"))
+
+        try:
+            with contextlib.suppress(FileExistsError):  # an earlier attempt landed and its answer was lost
+                self._retry(put, op, display)
+            try:
+                self._retry(put, op, display)
+                enforced = False
+            except FileExistsError:
+                enforced = True
+        except StorageError as e:
+            if not is_not_implemented(e):
+                raise
+            info = s3_error_info(e)
+            self._conditional_reason = f"HTTP {info[0]} {info[1]}" if info else "not implemented"
+            enforced = False
+        finally:
+            try:
+                self._call("DeleteObject", "delete_object", key, Key=key)
+            except Exception as e:
+                log.warning("could not delete the probe object %s (gc removes it later): %s", display, e)
+        log.debug("%s: conditional writes %s", self.endpoint, "enforced" if enforced else "NOT enforced")
+        return enforced
+
+    def _create_single_writer(self, rel: str, key: str, body: memoryview) -> None:
+        """``create_exclusive`` on a server without conditional writes (``io.s3_single_writer``): HEAD, then PUT."""
+        try:
+            self._head(rel)
+        except FileNotFoundError:
+            pass
+        else:
+            raise FileExistsError(errno.EEXIST, "S3 object exists (checked before writing)", self._display(key))
+        try:
+            self._call("PutObject", "put_object", key, Key=key, Body=body)
+        finally:
+            self._invalidate(rel)
+
+    def remove_stale_probes(self, older_than_seconds: float = 0.0) -> int:
+        """Delete probe objects (:meth:`check_conditional_writes`) left by killed processes; returns how many."""
+        prefix = self._key(PROBE_PREFIX)
+        now = time.time()
+        count = 0
+        for resp in self._iter_list(prefix, None):
+            for obj in resp.get("Contents") or ():
+                modified = obj.get("LastModified")
+                ts = modified.timestamp() if hasattr(modified, "timestamp") else 0.0
+                if older_than_seconds and ts and now - ts < older_than_seconds:
+                    continue
+                k = obj["Key"]
+                with contextlib.suppress(FileNotFoundError):
+                    self._call("DeleteObject", "delete_object", k, Key=k)
+                    count += 1
+        return count
 
     def _has_content(self, key: str, body: memoryview) -> bool:
         try:
@@ -389,7 +528,7 @@ class S3Storage(Storage):
             # StreamingBody.read() checks the body against Content-Length (IncompleteReadError, retried).
             return bytes(resp["Body"].read())
 
-        return self.retry.call(get, op="GetObject", key=self._display(key))
+        return self._retry(get, "GetObject", self._display(key))
 
     def read_into(self, rel: str, offset: int, buffers: Sequence[Buffer]) -> None:
         """Fill ``buffers`` in order from the object bytes at ``offset``: ranged GETs in parallel, no staging copy.
@@ -443,7 +582,7 @@ class S3Storage(Storage):
             finally:
                 _finish_body(body, clean)
 
-        self.retry.call(get, op="GetObject", key=display)
+        self._retry(get, "GetObject", display)
 
     # -- deleting ----------------------------------------------------------------------------------------
     def remove(self, rel: str) -> None:
@@ -505,10 +644,36 @@ class S3Storage(Storage):
 
         Returns how many were aborted. Pass ``older_than_seconds`` when writers of other processes may still be
         uploading under the prefix: aborting their upload would make their save fail.
+
+        A server that does not implement ``ListMultipartUploads`` (501 ``NotImplemented``, as s3rver) has
+        nothing to list: 0, with a warning once per storage. For the whole root (``rel_prefix=""``) this also
+        deletes conditional-write probe objects left by killed processes (older than
+        ``PROBE_MIN_AGE_SECONDS``).
         """
+        if not _check_rel(rel_prefix):
+            # A probe of another process lives for milliseconds; one older than this was left by a killed one.
+            self.remove_stale_probes(max(older_than_seconds, PROBE_MIN_AGE_SECONDS))
+        if not self._multipart_listing:
+            return 0
+        try:
+            uploads = self.incomplete_uploads(rel_prefix)
+        except StorageError as e:
+            if not is_not_implemented(e):
+                raise
+            # s3rver and some other S3-compatible servers do not implement ListMultipartUploads: degrade.
+            self._multipart_listing = False
+            log.warning(
+                "the S3 server at %s does not implement ListMultipartUploads (%s): incomplete multipart uploads "
+                "under %s cannot be listed, so they are not aborted; use a bucket lifecycle rule "
+                "(AbortIncompleteMultipartUpload) or the server's own tools",
+                self.endpoint,
+                e,
+                self.url,
+            )
+            return 0
         now = time.time()
         count = 0
-        for key, upload_id, started in self.incomplete_uploads(rel_prefix):
+        for key, upload_id, started in uploads:
             if older_than_seconds and started and now - started < older_than_seconds:
                 continue
             with contextlib.suppress(FileNotFoundError):  # finished or aborted meanwhile
@@ -752,7 +917,7 @@ class _S3Writer:
             return st.client.complete_multipart_upload(**params)
 
         try:
-            st.retry.call(complete, op="CompleteMultipartUpload", key=self.display)
+            st._retry(complete, "CompleteMultipartUpload", self.display)
         except FileNotFoundError:
             # NoSuchUpload after a retry: the first attempt completed and its answer was lost.
             if attempts > 1 and self._object_size() == self._size:
@@ -789,13 +954,24 @@ class _S3Writer:
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is None:
             return
+        st = self._st
+        if not st._multipart_abort:
+            return  # the server said it cannot (and warned once)
         try:
             with contextlib.suppress(FileNotFoundError):
-                self._st._call(
-                    "AbortMultipartUpload", "abort_multipart_upload", self._key, Key=self._key, UploadId=upload_id
-                )
+                st._call("AbortMultipartUpload", "abort_multipart_upload", self._key, Key=self._key, UploadId=upload_id)
             log.debug("aborted multipart upload of %s (%s)", self.display, upload_id)
         except Exception as e:
+            if is_not_implemented(e):
+                st._multipart_abort = False
+                log.warning(
+                    "the S3 server at %s does not implement AbortMultipartUpload (%s): the parts of failed uploads "
+                    "under %s stay on the server; use a bucket lifecycle rule or the server's own tools",
+                    st.endpoint,
+                    e,
+                    st.url,
+                )
+                return
             log.warning(
                 "could not abort multipart upload %s of %s (abort_incomplete_uploads will): %s",
                 upload_id,
@@ -1005,11 +1181,67 @@ def _make_client(fs: Any, max_connections: int) -> Any:
         session = _SESSIONS.get(profile)
         if session is None:
             session = _SESSIONS[profile] = botocore.session.Session(profile=profile)
-        return session.create_client("s3", config=Config(**config_kwargs), **init_kwargs, **client_kwargs)
+        client = session.create_client("s3", config=Config(**config_kwargs), **init_kwargs, **client_kwargs)
+    _track_connections(client)
+    return client
 
 
 _SESSIONS: dict[str | None, Any] = {}
 _SESSIONS_LOCK = threading.Lock()
+_TRACKED_POOLS: dict[str, type] = {}
+_UNTRACKED_WARNED: list[bool] = []
+
+
+def _tracked_pool_classes() -> dict[str, type]:
+    """botocore's connection pools, with connections that tie themselves to the request deadline of the attempt
+    sending on them (``retry.attach_connection``), so the deadline watchdog can shut them down."""
+    with _SESSIONS_LOCK:
+        if _TRACKED_POOLS:
+            return _TRACKED_POOLS
+        from botocore.awsrequest import (
+            AWSHTTPConnection,
+            AWSHTTPConnectionPool,
+            AWSHTTPSConnection,
+            AWSHTTPSConnectionPool,
+        )
+
+        class _TrackedHTTPConnection(AWSHTTPConnection):  # type: ignore[misc]
+            def request(self, *args: Any, **kwargs: Any) -> Any:
+                attach_connection(self)
+                return super().request(*args, **kwargs)
+
+        class _TrackedHTTPSConnection(AWSHTTPSConnection):  # type: ignore[misc]
+            def request(self, *args: Any, **kwargs: Any) -> Any:
+                attach_connection(self)
+                return super().request(*args, **kwargs)
+
+        class _TrackedHTTPConnectionPool(AWSHTTPConnectionPool):  # type: ignore[misc]
+            ConnectionCls = _TrackedHTTPConnection
+
+        class _TrackedHTTPSConnectionPool(AWSHTTPSConnectionPool):  # type: ignore[misc]
+            ConnectionCls = _TrackedHTTPSConnection
+
+        _TRACKED_POOLS.update(http=_TrackedHTTPConnectionPool, https=_TrackedHTTPSConnectionPool)
+        return _TRACKED_POOLS
+
+
+def _track_connections(client: Any) -> bool:
+    """Make the client's connections enforce ``io.request_deadline_seconds`` (False if botocore changed)."""
+    session = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    classes = getattr(session, "_pool_classes_by_scheme", None)
+    manager = getattr(session, "_manager", None)
+    if not isinstance(classes, dict) or not {"http", "https"} <= set(classes) or manager is None:
+        if not _UNTRACKED_WARNED:
+            _UNTRACKED_WARNED.append(True)
+            log.warning(
+                "this botocore version (%s) has an unknown HTTP session layout: io.request_deadline_seconds is "
+                "only enforced by socket timeouts, not across a slowly trickling body",
+                getattr(importlib.import_module("botocore"), "__version__", "?"),
+            )
+        return False
+    classes.update(_tracked_pool_classes())
+    manager.pool_classes_by_scheme = classes  # pools are created on first use: every one is tracked
+    return True
 
 
 __all__ = ["S3Storage"]

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from ckptstore import CheckpointManager
+from ckptstore import CheckpointManager, IOOptions
 from ckptstore.errors import CheckpointExistsError, IntegrityError
 from tests.fixtures.dist import run_ranks, values
+from tests.fixtures.s3 import S3Server
 from tests.s3 import _mgr_workers as W
 
 pytestmark = pytest.mark.s3
@@ -21,9 +22,11 @@ def _state(v: float) -> dict[str, Any]:
     return {"w": torch.full((300, 100), v), "small": {f"s{i}": torch.arange(5.0) * v for i in range(20)}, "n": v}
 
 
-def test_round_trip_restore_and_listing(s3_root: tuple[str, dict]) -> None:
-    url, opts = s3_root
-    with CheckpointManager(url, storage_options=opts) as mgr:
+def test_round_trip_restore_and_listing(s3_server: S3Server) -> None:
+    # On s3rver (no conditional writes) only the declared single-writer mode may commit.
+    url, opts = s3_server.root
+    io = IOOptions(s3_single_writer=not s3_server.enforces_conditional_put)
+    with CheckpointManager(url, storage_options=opts, io=io) as mgr:
         for s in (2, 10, 9):
             mgr.save(s, _state(s), epoch=s, metrics={"loss": 1 / s})
         assert mgr.steps() == [2, 9, 10] and mgr.latest().step == 10 and mgr.best().step == 10
@@ -36,6 +39,7 @@ def test_round_trip_restore_and_listing(s3_root: tuple[str, dict]) -> None:
         assert mgr.steps() == [2, 10]
     # Another process (a fresh manager) sees the same steps.
     assert CheckpointManager(url, storage_options=opts).steps() == [2, 10]
+    assert not [k for k in s3_server.keys() if ".ckptstore-probe-" in k]
 
 
 def test_loading_a_given_step_does_not_list_every_step(s3_faults: Any) -> None:

@@ -75,8 +75,9 @@ def test_aiohttp_errors_are_transient() -> None:
     ("exc", "expected"),
     [
         (_client_error(404, "NoSuchKey"), FileNotFoundError),
-        (_client_error(404, "NoSuchBucket"), FileNotFoundError),
+        (_client_error(404, "NoSuchBucket"), StorageError),
         (_client_error(403, "AccessDenied"), PermissionError),
+        (_client_error(403, "SignatureDoesNotMatch"), PermissionError),
         (_client_error(412, "PreconditionFailed"), FileExistsError),
         (_client_error(416, "InvalidRange"), EOFError),
         (_client_error(400, "InvalidArgument"), StorageError),
