@@ -48,9 +48,19 @@ from .format.manifest import (
     step_dir,
 )
 from .format.state import PerRank, flatten, is_stateful, unflatten
-from .io import ReadTask, Source, _parallel, plan_fill, read_pieces, tensor_bytes, verify_views, write_files
+from .io import (
+    ReadTask,
+    Source,
+    _parallel,
+    plan_fill,
+    read_pieces,
+    sample_crc,
+    tensor_bytes,
+    verify_views,
+    write_files,
+)
 from .options import IOOptions
-from .plan import LocalSpec, WritePlan, plan_writes
+from .plan import LocalSpec, WritePlan, diverged_replicas, plan_writes
 from .staging import StagingPool
 from .storage import Storage, open_storage
 from .types import CheckpointInfo, SaveResult
@@ -632,6 +642,8 @@ class CheckpointManager:
         # Per-dtype and per-device strings computed once: states hold 10k+ tensors of a few dtypes/devices.
         dtypes: dict[torch.dtype, tuple[str, int]] = {}
         devices: dict[torch.device, str] = {}
+        # Whole tensors are written once for all ranks: fingerprint them so rank 0 can tell diverged replicas.
+        check = self.io.verify_replicas if self.comm.is_distributed else "off"
         for key, t in flat.tensors.items():
             local, gshape, offs = boxes[key]
             if key in staged:
@@ -644,7 +656,12 @@ class CheckpointManager:
             dev = devices.get(t.device)
             if dev is None:
                 dev = devices[t.device] = str(t.device)
-            specs.append(LocalSpec(key, dt[0], dt[1], gshape, offs, tuple(local.shape), order, device=dev))
+            sample = None
+            if check != "off" and tuple(local.shape) == gshape and not any(offs):
+                sample = sample_crc(tensor_bytes(local), full=check == "full")
+            specs.append(
+                LocalSpec(key, dt[0], dt[1], gshape, offs, tuple(local.shape), order, device=dev, sample=sample)
+            )
             sources[key] = Source(local, offs, local.dtype)
             order += 1
         for key, obj in flat.pickles.items():
@@ -723,6 +740,8 @@ class CheckpointManager:
                 prep_failed = {r: x.message for r, x in enumerate(all_specs) if isinstance(x, _PrepFailed)}
                 if prep_failed:
                     plan_err = "; ".join(f"rank {r} could not prepare its state: {m}" for r, m in prep_failed.items())
+                if not prep_failed:
+                    plan_err, prep_failed = _replica_problems(job.step, all_specs or [job.specs])
                 try:
                     if not prep_failed:
                         plan = plan_writes(all_specs or [job.specs], save_id=save_id, options=self._plan_options())
@@ -1878,6 +1897,30 @@ class _PrepFailed:
 
     def __init__(self, e: BaseException) -> None:
         self.message = f"{type(e).__name__}: {e}"
+
+
+def _replica_problems(step: int, all_specs: Sequence[Sequence[LocalSpec]]) -> tuple[str | None, dict[int, str]]:
+    """(message, {rank: why}) when ranks hold different values for a tensor that would be written once."""
+    bad = diverged_replicas(all_specs)
+    if not bad:
+        return None, {}
+    failed: dict[int, str] = {}
+    lines = []
+    for key, by in list(bad.items())[:5]:
+        groups = sorted(by.values(), key=lambda rs: (-len(rs), rs))  # the largest group first (ties: rank 0's)
+        lines.append(f"{key!r}: " + " vs ".join("ranks " + ",".join(map(str, rs)) for rs in groups))
+        for rs in groups[1:]:
+            for r in rs:
+                failed.setdefault(r, f"holds a different value of replicated tensor {key!r}")
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    msg = (
+        f"step {step}: tensors saved as replicas (the same key and shape on every rank, written once) differ "
+        f"between ranks: {'; '.join(lines)}{more}. Values that differ per rank on purpose (a ZeRO optimizer shard, "
+        "a rank-local counter or EMA) must be wrapped in ckptstore.PerRank(...) or saved as DTensor shards; "
+        "otherwise the replicas have diverged (check the gradient synchronisation). io.verify_replicas='off' "
+        "skips this check"
+    )
+    return msg, failed
 
 
 def _flat_nbytes(flat: Any) -> int:

@@ -58,6 +58,12 @@ class IOOptions:
     answers, or reads, a byte every few seconds never trips a socket timeout; this deadline cuts it off: the
     connection is closed and the request fails with ``StorageError`` (errno ``ETIMEDOUT``), not retried. Raise
     it for very large parts over slow links (the default allows ~0.45 MB/s for a 128 MiB PUT)."""
+    verify_replicas: str = "sample"
+    """Distributed saves: check that a tensor every rank holds whole (a DDP replica) has the same value on every
+    rank, since only one copy is written. ``"sample"``: crc32c of the whole tensor up to 64 KiB, else of 8 spread
+    4 KiB blocks (cheap; catches a desynchronised replica, a rank-local counter or EMA, a per-rank optimizer
+    shard); ``"full"``: crc32c of every byte; ``"off"``. A mismatch fails the save with ``DistributedSaveError``
+    naming the key and the ranks: wrap per-rank values in ``PerRank`` or shard them as DTensors."""
     s3_single_writer: bool = False
     """S3: allow a server that ignores ``If-None-Match: *`` on ``PutObject`` (s3rver and other S3-compatible
     servers; AWS S3 and moto enforce it). The commit of a step relies on that condition: without it, two
@@ -74,6 +80,10 @@ class IOOptions:
             if f.name == "background_nice":
                 if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 19:
                     raise ConfigError(f"io.background_nice must be an int from 0 to 19, got {v!r}")
+                continue
+            if f.name == "verify_replicas":
+                if v not in ("sample", "full", "off"):
+                    raise ConfigError(f"io.verify_replicas must be 'sample', 'full' or 'off', got {v!r}")
                 continue
             if f.name in ("verify", "mmap_load", "s3_single_writer"):
                 if not isinstance(v, bool):

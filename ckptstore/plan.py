@@ -42,6 +42,8 @@ class LocalSpec:
     encoding: str = "raw"
     device: str = "cpu"
     """Device the tensor lived on at save time (restored there by default)."""
+    sample: int | None = None
+    """Checksum of (samples of) the box's bytes when it is a whole tensor, so replicas can be compared."""
 
     @property
     def nbytes(self) -> int:
@@ -83,6 +85,23 @@ class WritePlan:
         for f in self.files:
             out[f.rank] += f.nbytes
         return out
+
+
+def diverged_replicas(all_specs: Sequence[Sequence[LocalSpec]]) -> dict[str, dict[int, list[int]]]:
+    """Replicated boxes whose ranks disagree: ``{key: {sample: [ranks]}}`` for every box that several ranks hold
+    with different ``sample`` checksums (boxes without a sample are not compared). Linear in the specs.
+
+    Example::
+
+        a = LocalSpec("w", "float32", 4, (2,), (0,), (2,), 0, sample=1)
+        assert diverged_replicas([[a], [replace(a, sample=2)]]) == {"w": {1: [0], 2: [1]}}
+    """
+    seen: dict[tuple[str, tuple[int, ...], tuple[int, ...]], dict[int, list[int]]] = {}
+    for rank, specs in enumerate(all_specs):
+        for sp in specs:
+            if sp.sample is not None:
+                seen.setdefault((sp.key, sp.offsets, sp.shape), {}).setdefault(sp.sample, []).append(rank)
+    return {box[0]: by for box, by in seen.items() if len(by) > 1}
 
 
 def shard_file_name(save_id: str, rank: int, index: int) -> str:

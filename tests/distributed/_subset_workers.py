@@ -41,3 +41,33 @@ def rank0_alone(rank: int, world: int, root: str, timeout: float) -> dict[str, A
     out["local_restore"] = local.restore(target).step
     out["local_value"] = target["w"]
     return out
+
+
+def diverged_replicas(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Ranks save tensors that are not replicas of each other (without PerRank)."""
+    from ckptstore import PerRank
+
+    out: dict[str, Any] = {}
+    mgr = CheckpointManager(root, io={"timeout_seconds": 30})
+
+    def attempt(name: str, step: int, state: dict[str, Any], **io: Any) -> None:
+        m = mgr if not io else CheckpointManager(root, io={"timeout_seconds": 30, **io})
+        try:
+            m.save(step, state)
+            out[name] = "saved"
+        except Exception as e:
+            out[name] = type(e).__name__
+            out[name + "_error"] = str(e)
+            out[name + "_failed"] = dict(getattr(e, "failed_ranks", {}) or {})
+
+    attempt("small", 1, {"w": torch.full((1024,), float(rank)), "same": torch.ones(8)})
+    big = torch.zeros(1 << 20)  # 4 MiB: sampled, not read whole
+    big[0] = float(rank)  # inside the first sampled block
+    attempt("big_sampled", 2, {"big": big})
+    hidden = torch.zeros(1 << 20)
+    hidden[(1 << 19) + 5000] = float(rank)  # between the sampled blocks
+    attempt("hidden_sample", 3, {"big": hidden})
+    attempt("hidden_full", 4, {"big": hidden}, verify_replicas="full")
+    attempt("per_rank", 5, {"w": PerRank(torch.full((1024,), float(rank))), "same": torch.ones(8)})
+    out["steps"] = CheckpointManager(root, distributed=False).steps()
+    return out

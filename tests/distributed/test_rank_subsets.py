@@ -26,3 +26,17 @@ def test_manager_on_rank0_alone_reads_and_a_lone_save_fails_in_bounded_time(tmp_
     assert r0["save_seconds"] < 4 * timeout
     assert r0["local_save"] == 7 and r0["local_restore"] == 7
     assert torch.equal(r0["local_value"], torch.full((64,), 7.0))
+
+
+def test_diverged_replicas_fail_the_save_naming_key_and_ranks(tmp_path: Path) -> None:
+    outs = values(run_ranks(W.diverged_replicas, 2, str(tmp_path / "ck"), timeout=120))
+    for r in outs:
+        assert r["small"] == "DistributedSaveError", r
+        assert "'w'" in r["small_error"] and "PerRank" in r["small_error"]
+        assert "'same'" not in r["small_error"]
+        assert set(r["small_failed"]) == {1}
+        assert r["big_sampled"] == "DistributedSaveError" and "'big'" in r["big_sampled_error"]
+        assert r["hidden_sample"] == "saved"  # a documented limit of the sampled check
+        assert r["hidden_full"] == "DistributedSaveError"
+        assert r["per_rank"] == "saved"
+        assert r["steps"] == [3, 5]

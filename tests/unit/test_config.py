@@ -85,7 +85,7 @@ def test_s3_config_names_missing_credentials() -> None:
 
 def test_readme_documents_every_field() -> None:
     readme = (CONFIGS / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([a-z_.]+)`", readme, flags=re.M))
+    documented = set(re.findall(r"^\| `([a-z0-9_.]+)`", readme, flags=re.M))
     expected = set(CONFIG_KEYS) | set(RETENTION_KEYS) | {f"io.{name}" for name in IOOptions.__dataclass_fields__}
     expected |= {"mirror.url", "mirror.storage_options", "keep_best.k", "keep_best.metric", "keep_best.mode"}
     assert expected <= documented, sorted(expected - documented)
@@ -103,7 +103,7 @@ def _documented_keys() -> list[str]:
     keys = []
     for name in ("fields", "io"):
         block = readme.split(f"<!-- BEGIN GENERATED: {name} ")[1].split(f"<!-- END GENERATED: {name} -->")[0]
-        keys += re.findall(r"^\| `([a-z_.]+)`", block, flags=re.M)
+        keys += re.findall(r"^\| `([a-z0-9_.]+)`", block, flags=re.M)
     return keys
 
 
@@ -189,6 +189,8 @@ def _sample_io_value(f: dataclasses.Field[Any]) -> Any:
         candidates: list[Any] = [not default]
     elif default is None:
         candidates = [24 * MiB, 3, 1.5, True]
+    elif isinstance(default, str):  # an enumeration (verify_replicas): another of its values
+        candidates = ["full", "off"]
     elif isinstance(default, (int, float)):
         candidates = [default + MiB if f.name.endswith("_bytes") else default + 1, default * 2, default - 1]
     else:

@@ -193,3 +193,16 @@ def test_ranks_disagreeing_on_a_tensor_raise_value_error(other: LocalSpec, what:
 def test_no_ranks_is_an_error() -> None:
     with pytest.raises(ValueError):
         plan_writes([], save_id="s", options=OPTS)
+
+
+def test_diverged_replicas_groups_ranks_by_fingerprint() -> None:
+    from dataclasses import replace
+
+    from ckptstore.plan import diverged_replicas
+
+    a = LocalSpec("w", "float32", 4, (2,), (0,), (2,), 0, sample=1)
+    b = LocalSpec("b", "float32", 4, (2,), (0,), (2,), 1, sample=7)
+    assert diverged_replicas([[a, b], [a, b], [a, b]]) == {}
+    assert diverged_replicas([[a, b], [replace(a, sample=2), b], [a, b]]) == {"w": {1: [0, 2], 2: [1]}}
+    shard = replace(a, offsets=(1,), shape=(1,), sample=None)  # shards carry no fingerprint: never compared
+    assert diverged_replicas([[shard], [shard]]) == {}
