@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -263,6 +263,8 @@ class _ReadCtx:
     """Target memory (address, bytes) that the reads overwrite before they are verified, by state path."""
     covered: set[tuple[int, int]] = field(default_factory=set)
     """Target memory this pass sets in full once it verified (read into directly or copied in afterwards)."""
+    missing_per_rank: list[str] = field(default_factory=list)
+    """PerRank targets for which the step holds no value of this rank (saved at another world size)."""
 
 
 class CheckpointManager:
@@ -679,8 +681,6 @@ class CheckpointManager:
         cap = self.storage.preferred_file_bytes
         if cap is None or cap >= self.io.file_bytes:
             return self.io
-        from dataclasses import replace
-
         return replace(self.io, file_bytes=cap)
 
     def _run_save(self, job: _SaveJob) -> SaveResult:
@@ -1260,29 +1260,37 @@ class CheckpointManager:
         # all of it again, or the state would mix two steps.
         dirty: dict[tuple[int, int], str] = {}
         for i, (s, tier) in enumerate(cands):
-            err: BaseException | None = None
+            # Two phases, each ending in one all_gather: (1) every rank plans its reads and checks the state fits
+            # (nothing changed yet, so a refusal on any rank leaves every rank's state untouched); (2) every rank
+            # reads, verifies and only then changes its objects.
+            rc: _ReadCtx | None = None
             self._restoring.add(s)
             try:
-                m = self._manifest(s, tier)
-                self._restore_from(m, state, map_location, strict, verify, trusted, self._tier(tier), dirty=dirty)
-            except Exception as e:  # every rank must reach the all_gather below, whatever went wrong here
-                err = _typed_os_error(e, f"step {s} could not be read from {self._tier(tier).url}")
-                if err is not e:
-                    err.__cause__ = e
+                err: BaseException | None = None
+                try:
+                    m = self._manifest(s, tier)
+                    rc = self._plan_restore(m, state, map_location, strict, trusted, self._tier(tier), dirty)
+                except Exception as e:  # every rank must reach the all_gather below, whatever went wrong here
+                    err = self._read_error(e, s, tier)
+                bad = self._outcomes(err, f"restore plan of step {s}")
+                if not bad:
+                    try:
+                        assert rc is not None
+                        self._apply_restore(rc, verify)
+                    except Exception as e:
+                        err = self._read_error(e, s, tier)
+                    bad = self._outcomes(err, f"restore outcome of step {s}")
             finally:
                 self._restoring.discard(s)
-            errs = comm.all_gather(
-                None if err is None else (type(err).__name__, str(err)), what=f"restore outcome of step {s}"
-            )
-            bad = [(r, e) for r, e in enumerate(errs) if e is not None]
             if not bad:
-                return self._info(self._manifest(s, tier), tier)
-            fatal = err if err is not None else None
+                assert rc is not None
+                info = self._info(self._manifest(s, tier), tier)
+                return replace(info, missing_per_rank=tuple(rc.missing_per_rank))
             integrity = all(e[0] in ("IntegrityError", "ManifestError") for _, e in bad)
             same_step_next = i + 1 < len(cands) and cands[i + 1][0] == s  # the mirror's copy of this step
             if (step != "latest" and not same_step_next) or not integrity:
-                if fatal is not None:
-                    raise fatal
+                if err is not None:
+                    raise err
                 r, (kind, msg) = bad[0]
                 raise _remote_error(r, kind, f"could not restore step {s}: {msg}", s)
             log.warning(
@@ -1292,9 +1300,20 @@ class CheckpointManager:
                 bad[0][1][1],
                 "its mirror copy" if same_step_next else "the previous step",
             )
-            last = fatal or IntegrityError(bad[0][1][1], step=s)
+            last = err or IntegrityError(bad[0][1][1], step=s)
         assert last is not None
         raise last
+
+    def _read_error(self, e: BaseException, step: int, tier: str) -> BaseException:
+        err = _typed_os_error(e, f"step {step} could not be read from {self._tier(tier).url}")
+        if err is not e:
+            err.__cause__ = e
+        return err
+
+    def _outcomes(self, err: BaseException | None, what: str) -> list[tuple[int, tuple[str, str]]]:
+        """Every rank's error of one phase, as (rank, (type name, message)); empty when all succeeded."""
+        errs = self.comm.all_gather(None if err is None else (type(err).__name__, str(err)), what=what)
+        return [(r, e) for r, e in enumerate(errs) if e is not None]
 
     @_gc_paused
     def load(
@@ -1343,8 +1362,6 @@ class CheckpointManager:
     def _io_for(self, verify: bool | None) -> IOOptions:
         if verify is None or verify == self.io.verify:
             return self.io
-        from dataclasses import replace
-
         return replace(self.io, verify=verify)
 
     def _check_trust(self, m: Manifest, trusted: bool) -> None:
@@ -1366,20 +1383,20 @@ class CheckpointManager:
         verify_views(rc.mapped, io, step=m.step)
         return self._finalize(rc, value)
 
-    def _restore_from(
+    def _plan_restore(
         self,
         m: Manifest,
         state: Any,
         map_location: Any,
         strict: bool,
-        verify: bool | None,
         trusted: bool,
-        storage: Storage | None = None,
-        *,
-        dirty: dict[tuple[int, int], str] | None = None,
-    ) -> None:
-        """Restore ``m`` into ``state``. ``dirty`` holds target memory earlier failed attempts overwrote; this
-        attempt refuses before reading unless it sets all of it again, and adds what its own reads overwrite."""
+        storage: Storage,
+        dirty: dict[tuple[int, int], str],
+    ) -> _ReadCtx:
+        """Phase 1 of a restore: plan every read into ``state`` and every deferred change; nothing is changed.
+
+        ``dirty`` holds target memory that earlier failed attempts overwrote; the plan is refused unless it sets
+        all of it again, and what its own reads will overwrite is added."""
         self._check_trust(m, trusted)
         rc = _ReadCtx(m, map_location, self.comm.rank, storage)
         root = m.tree
@@ -1404,32 +1421,43 @@ class CheckpointManager:
                 missing=rc.missing,
                 unexpected=rc.unexpected,
             )
-        if strict and (rc.missing or rc.unexpected):
+        if strict and (rc.missing or rc.unexpected or rc.missing_per_rank):
             parts = []
             if rc.missing:
                 parts.append(f"missing from the checkpoint: {', '.join(rc.missing[:20])}")
             if rc.unexpected:
                 parts.append(f"unexpected in the checkpoint: {', '.join(rc.unexpected[:20])}")
+            if rc.missing_per_rank:
+                parts.append(
+                    f"no saved PerRank value for rank {rc.rank} at {', '.join(rc.missing_per_rank[:20])} (saved at "
+                    f"world size {m.world_size}, restored at {self.comm.world_size}); keep data positions in a "
+                    "global cursor (ckptstore.elastic.ElasticSampler) to resume at another world size"
+                )
             raise StateMismatchError(
                 f"step {m.step} does not match the state (strict=True): "
                 + "; ".join(parts)
-                + ". Pass strict=False to restore what matches",
-                missing=rc.missing,
+                + ". Pass strict=False to restore what matches (PerRank values without a saved value are then "
+                "left as they are and listed in the returned info's missing_per_rank)",
+                missing=rc.missing + rc.missing_per_rank,
                 unexpected=rc.unexpected,
             )
-        if dirty is not None:
-            left = [path for region, path in dirty.items() if region not in rc.covered]
-            if left:
-                shown = ", ".join(repr(p) for p in left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
-                raise StateMismatchError(
-                    f"cannot fall back to step {m.step}: a newer step that failed verification was already read "
-                    f"into {shown}, and step {m.step} has no value for them, so the state would mix two steps. "
-                    "Nothing else was changed; re-create these objects (or restore a step that has them) before "
-                    "training on",
-                    missing=left,
-                )
-            dirty.update(rc.written)
-        read_pieces(storage or self.storage, step_dir(m.step), rc.tasks, self._io_for(verify), step=m.step)
+        left = [path for region, path in dirty.items() if region not in rc.covered]
+        if left:
+            shown = ", ".join(repr(p) for p in left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            raise StateMismatchError(
+                f"cannot fall back to step {m.step}: a newer step that failed verification was already read "
+                f"into {shown}, and step {m.step} has no value for them, so the state would mix two steps. "
+                "Nothing else was changed; re-create these objects (or restore a step that has them) before "
+                "training on",
+                missing=left,
+            )
+        dirty.update(rc.written)
+        return rc
+
+    def _apply_restore(self, rc: _ReadCtx, verify: bool | None) -> None:
+        """Phase 2 of a restore: read and verify every piece, then make the deferred changes."""
+        assert rc.storage is not None
+        read_pieces(rc.storage, step_dir(rc.manifest.step), rc.tasks, self._io_for(verify), step=rc.manifest.step)
         for fn in rc.deferred:
             fn()
 
@@ -1439,7 +1467,7 @@ class CheckpointManager:
         node = _unwrap(node, rc.rank)
         if isinstance(tgt, PerRank):
             if node is None:
-                log.warning("no per-rank state for rank %d at %r in step %d", rc.rank, path, rc.manifest.step)
+                rc.missing_per_rank.append(path or "<root>")
                 return tgt
             new_inner = self._into(rc, tgt.value, node, path, strict, top=False)
             rc.deferred.append(lambda: setattr(tgt, "value", self._finalize(rc, new_inner)))

@@ -30,6 +30,9 @@ class CheckpointInfo:
     """Location of the step's prefix."""
     tier: str = "primary"
     """``"primary"`` or ``"mirror"`` for tiered managers."""
+    missing_per_rank: tuple[str, ...] = ()
+    """``restore(strict=False)`` only: paths of ``PerRank`` values this rank has no saved value for (the step was
+    saved at another world size); they were left unchanged. With ``strict=True`` that is a StateMismatchError."""
 
     @property
     def created(self) -> _dt.datetime:

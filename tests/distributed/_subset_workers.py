@@ -71,3 +71,31 @@ def diverged_replicas(rank: int, world: int, root: str) -> dict[str, Any]:
     attempt("per_rank", 5, {"w": PerRank(torch.full((1024,), float(rank))), "same": torch.ones(8)})
     out["steps"] = CheckpointManager(root, distributed=False).steps()
     return out
+
+
+def per_rank_save(rank: int, world: int, root: str) -> None:
+    from ckptstore import PerRank
+
+    mgr = CheckpointManager(root, io={"timeout_seconds": 30})
+    mgr.save(1, {"w": torch.ones(4), "pos": PerRank(torch.tensor([rank * 10]))})
+    mgr.close()
+
+
+def per_rank_restore(rank: int, world: int, root: str) -> dict[str, Any]:
+    from ckptstore import PerRank
+
+    out: dict[str, Any] = {}
+    mgr = CheckpointManager(root, io={"timeout_seconds": 30})
+    state = {"w": torch.zeros(4), "pos": PerRank(torch.tensor([-1]))}
+    try:
+        mgr.restore(state)
+        out["strict"] = "restored"
+    except Exception as e:
+        out["strict"] = type(e).__name__
+        out["strict_error"] = str(e)
+    out["w_after_strict"] = state["w"].clone()
+    info = mgr.restore(state, strict=False)
+    out["missing"] = info.missing_per_rank
+    out["pos"] = int(state["pos"].value[0])
+    out["w"] = state["w"].clone()
+    return out

@@ -40,3 +40,17 @@ def test_diverged_replicas_fail_the_save_naming_key_and_ranks(tmp_path: Path) ->
         assert r["hidden_full"] == "DistributedSaveError"
         assert r["per_rank"] == "saved"
         assert r["steps"] == [3, 5]
+
+
+def test_per_rank_state_at_a_new_world_size_is_an_explicit_outcome(tmp_path: Path) -> None:
+    root = str(tmp_path / "ck")
+    values(run_ranks(W.per_rank_save, 2, root, timeout=90))
+    outs = values(run_ranks(W.per_rank_restore, 3, root, timeout=90))
+    for out in outs:
+        # strict (default): every rank refuses, before any rank changed anything
+        assert out["strict"] == "StateMismatchError", out
+        assert torch.equal(out["w_after_strict"], torch.zeros(4))
+        assert torch.equal(out["w"], torch.ones(4))
+    assert "no saved PerRank value for rank 2" in outs[2]["strict_error"]
+    assert [o["missing"] for o in outs] == [(), (), ("pos",)]
+    assert [o["pos"] for o in outs] == [0, 10, -1]  # rank 2 keeps its own value, and is told so
