@@ -61,12 +61,13 @@ class NotRegularFileError(OSError):
     ...), ``filename`` is the path. The message says what to do: remove or replace the entry.
     """
 
-    def __init__(self, code: int, message: str, path: str | None = None, *, kind: str = "") -> None:
-        super().__init__(code, message, path)
+    def __init__(self, *args: object, kind: str = "") -> None:
+        # ``(errno, message, path)`` like ``OSError``; also a bare message (the manager builds typed copies so).
+        super().__init__(*args)
         self.kind = kind
 
     def __str__(self) -> str:  # OSError would print "[Errno 40] ...: 'path'" around the message
-        return str(self.strerror)
+        return str(self.strerror) if self.strerror else super().__str__()
 
 
 def _info_mtime(info: dict[str, Any]) -> float | None:

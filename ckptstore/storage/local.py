@@ -292,6 +292,11 @@ class LocalStorage(Storage):
                 )  # fmt: skip
         kind = _kind_of(mode)
         where = self._where(parts)
+        if kind == want:  # it was something else a moment ago: another process is changing the root
+            return NotRegularFileError(
+                errno.EAGAIN, f"{where} changed while it was opened (another process is replacing it); try again",
+                where, kind="changing",
+            )  # fmt: skip
         if kind == "symbolic link":
             msg = (
                 f"{where} is a symbolic link; ckptstore never follows links below the checkpoint root "
@@ -378,13 +383,14 @@ class LocalStorage(Storage):
             os.close(fd)
 
     def _open_read(self, rel: str) -> tuple[int, os.stat_result]:
-        """An fd of regular file ``rel`` opened for reading, and its ``fstat``."""
+        """An fd of regular file ``rel`` opened for reading, and its ``fstat`` (the hot path of every read)."""
         parts = self._parts(rel)
         if not parts:
             raise NotRegularFileError(
                 errno.EISDIR, f"{self.url} is the checkpoint root, a directory, not a file", self.url, kind="directory"
             )
-        with self._dir(parts[:-1]) as dfd:
+        dfd = self._open_dir(parts[:-1])
+        try:
             try:
                 fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dfd)
             except FileNotFoundError:
@@ -402,6 +408,8 @@ class LocalStorage(Storage):
             except BaseException:
                 os.close(fd)
                 raise
+        finally:
+            os.close(dfd)
         return fd, st
 
     # -- listing -------------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """The storage contract, run unchanged on every backend: ``file://``, ``memory://`` and ``s3://`` (moto server).
 
-What the layers above rely on: multi-buffer writes, exact reads at offsets (never a silent short read), listings,
-deletes, and ``create_exclusive`` as the one atomic, create-only commit; paths never leave the root.
+What the layers above rely on: multi-buffer writes, exact reads at offsets (never a silent short read), listings
+(names, or typed entries with kind/size/mtime), deletes, and ``create_exclusive`` as the one atomic, create-only
+commit; paths never leave the root; capabilities declared on the class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +20,8 @@ import torch
 
 from ckptstore.options import IOOptions, MiB
 from ckptstore.storage import Storage, open_storage
+from ckptstore.storage.base import Entry
+from ckptstore.storage.local import LocalStorage
 from ckptstore.storage.s3 import S3Storage
 
 BACKENDS = [
@@ -214,3 +219,58 @@ def test_abort_leaves_nothing(storage: Storage) -> None:
     w.abort()
     assert not storage.exists("aborted.bin")
     assert storage.list_dir("") == []
+
+
+def test_list_entries_and_stat(storage: Storage) -> None:
+    # One listing call gives every entry's kind, size and mtime; stat gives one entry. Same on every backend.
+    before = time.time() - 120
+    storage.write_bytes("st/a.bin", b"a" * 7)
+    storage.write_bytes("st/sub/b.bin", b"bb")
+    storage.write_bytes("st/empty.bin", b"")
+    entries = storage.list_entries("st")
+    assert [e.name for e in entries] == ["a.bin", "empty.bin", "sub"]
+    by = {e.name: e for e in entries}
+    assert (by["a.bin"].kind, by["a.bin"].size) == ("file", 7)
+    assert (by["empty.bin"].kind, by["empty.bin"].size) == ("file", 0)
+    assert (by["sub"].kind, by["sub"].size) == ("dir", 0)
+    assert storage.has_mtime
+    for name in ("a.bin", "empty.bin"):
+        m = by[name].mtime
+        assert m is not None and before < m < time.time() + 120, (name, m)
+    assert all(isinstance(e, Entry) for e in entries)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entries[0].size = 1  # type: ignore[misc]
+    assert storage.list_entries("st") == entries  # sorted, stable
+    assert [e.name for e in storage.list_entries("")] == ["st"]
+    assert storage.list_entries("st/sub") == [Entry("b.bin", "file", 2, storage.list_entries("st/sub")[0].mtime)]
+    assert storage.list_entries("missing") == []
+    assert storage.list_entries("st/a.bin") == []  # a file has no entries
+
+    e = storage.stat("st/a.bin")
+    assert e is not None and (e.name, e.kind, e.size) == ("a.bin", "file", 7) and e.mtime is not None
+    d = storage.stat("st/sub")
+    assert d is not None and (d.name, d.kind) == ("sub", "dir")
+    assert storage.stat("st/nope.bin") is None
+    assert storage.stat("nope/deeper/x") is None
+    # A new object is seen at once (no cached listing).
+    storage.write_bytes("st/late.bin", b"123")
+    assert "late.bin" in [x.name for x in storage.list_entries("st")]
+    late = storage.stat("st/late.bin")
+    assert late is not None and late.size == 3
+    with pytest.raises(PermissionError):
+        storage.list_entries("../x")
+    with pytest.raises(PermissionError):
+        storage.stat("/abs")
+
+
+def test_capabilities_are_declared(storage: Storage) -> None:
+    # Declared on the class (documented there), not probed with getattr by the layers above.
+    for name in ("small_reads_cheap", "exclusive_create", "create_all_or_nothing", "has_links", "has_mtime"):
+        assert isinstance(getattr(type(storage), name, None), (bool, property)), name
+        assert isinstance(getattr(storage, name), bool), name
+    assert storage.exclusive_create and storage.atomic_create
+    assert storage.create_all_or_nothing  # link(2) works here; S3: one conditional PUT; memory: one pipe
+    local = isinstance(storage, LocalStorage)
+    assert storage.small_reads_cheap is local
+    assert storage.has_links is local
+    assert Storage.small_reads_cheap is False and Storage.has_mtime is True
