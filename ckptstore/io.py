@@ -273,7 +273,7 @@ def read_pieces(
     chunk = max(1 << 20, options.read_chunk_bytes)
     verify = options.verify
     # Slice-wise reads only where a request costs nothing extra (local files); elsewhere one request, then crc.
-    slice_bytes = _SLICE_BYTES if getattr(storage, "small_reads_cheap", False) else 0
+    slice_bytes = _SLICE_BYTES if storage.small_reads_cheap else 0
     # Build requests: split big pieces, coalesce small neighbours of the same file into one vectored read.
     reqs: list[_ReadReq] = []
     by_file: dict[str, list[ReadTask]] = {}

@@ -2082,8 +2082,9 @@ def _fmt_steps(steps: list[int]) -> str:
 
 
 def _age(entry: Any, now: float) -> float:
-    """Seconds since ``entry`` (a storage ``Entry``) was modified; infinite where the storage cannot tell."""
-    return float("inf") if entry.mtime is None else now - entry.mtime
+    """Seconds since ``entry`` (a storage ``Entry``) was modified. Where the storage cannot tell, 0: what cannot
+    be aged may belong to a save in progress, so gc leaves it alone."""
+    return 0.0 if entry.mtime is None else now - entry.mtime
 
 
 def _kind(entry: Any) -> str:
