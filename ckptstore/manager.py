@@ -725,10 +725,18 @@ class CheckpointManager:
             )
         save_id = decision["save_id"]
         committed = False
+        lease_error: OSError | None = None
         # Other processes' gc must see this save as in progress however long it takes (a slow rank, a long
         # collective timeout): rank 0 keeps a lease file in the step directory fresh until the end.
-        job.lease = _Lease(self.storage, prefix, save_id).start() if comm.rank == 0 else None
         try:
+            if comm.rank == 0:
+                job.lease = _Lease(self.storage, prefix, save_id)
+                try:
+                    job.lease.start()
+                except OSError as e:  # disk full, no permission: this save cannot succeed; every rank learns it
+                    if not comm.is_distributed:
+                        raise
+                    lease_error = e  # reported as this rank's write failure below
             # 2. Plan: gather every rank's boxes, rank 0 plans, broadcast.
             mine_specs: Any = job.specs if job.prep_error is None else _PrepFailed(job.prep_error)
             all_specs = comm.gather(mine_specs, what=f"gather of tensor boxes for step {job.step}")
@@ -763,6 +771,8 @@ class CheckpointManager:
             mine = plan.for_rank(comm.rank)
             report: dict[str, Any]
             try:
+                if lease_error is not None:
+                    raise lease_error
                 written = write_files(self.storage, prefix, mine, job.sources, self.io)
                 report = {"ok": True, "files": written, "tree": job.tree}
             except Exception as e:
@@ -1152,10 +1162,26 @@ class CheckpointManager:
             raise typed from e
         return removed
 
+    def _lease_live(self, rel: str, entry: Any, now: float) -> bool:
+        """A lease protects its step until it is ``LEASE_TTL_SECONDS`` old, or at once if it names a process of
+        this host that no longer runs (a killed save)."""
+        if _age(entry, now) >= LEASE_TTL_SECONDS:
+            return False
+        try:
+            body = json.loads(self.storage.read_bytes(rel)) if entry.size <= 4096 else {}
+        except (OSError, EOFError, ValueError):
+            return True  # unreadable right now: trust its age
+        if not isinstance(body, dict) or body.get("host") != platform.node() or not isinstance(body.get("pid"), int):
+            return True
+        if body.get("start") is None:  # no process start times here (not Linux): only the age tells
+            return True
+        start = _proc_start(body["pid"])
+        return start is not None and start == body.get("start")
+
     def _gc_step(self, name: str, step: int, now: float, min_age: float) -> list[str]:
         entries = self.storage.list_entries(name)
         leases = [e for e in entries if e.name.startswith(LEASE_PREFIX) and e.kind == "file"]
-        if any(_age(e, now) < LEASE_TTL_SECONDS for e in leases):
+        if any(self._lease_live(f"{name}/{e.name}", e, now) for e in leases):
             log.info("gc: leaving %s alone: a save is in progress there (%s)", name, leases[0].name)
             return []
         committed = any(e.name == MANIFEST_NAME and e.kind == "file" for e in entries)
@@ -1872,23 +1898,21 @@ LEASE_TTL_SECONDS = 120.0
 
 class _Lease:
     """Marks a save in progress for ``gc`` in other processes: a small file in the step directory, rewritten every
-    ``LEASE_REFRESH_SECONDS`` until the save ends. Best effort: if it cannot be written the save goes on (the
-    check before the commit still refuses to commit a step whose files were removed)."""
+    ``LEASE_REFRESH_SECONDS`` until the save ends. gc treats it as stale once it is ``LEASE_TTL_SECONDS`` old, or
+    at once when it names a process of gc's own host that no longer runs (a killed save)."""
 
     def __init__(self, storage: Storage, prefix: str, save_id: str) -> None:
         self._storage = storage
         self.rel = f"{prefix}/{LEASE_PREFIX}{save_id}"
-        self._body = {"save_id": save_id, "host": platform.node(), "pid": os.getpid()}
+        pid = os.getpid()
+        self._body = {"save_id": save_id, "host": platform.node(), "pid": pid, "start": _proc_start(pid)}
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> _Lease:
-        try:
-            self._write()
-        except OSError as e:
-            log.warning("could not write the in-progress marker %s (gc elsewhere cannot see the save): %s", self.rel, e)
-            return self
+        """Write the lease (an ``OSError`` here fails the save: nothing of it is written yet) and keep it fresh."""
+        self._write()
         self._thread = threading.Thread(target=self._refresh, name="ckpt-lease", daemon=True)
         self._thread.start()
         return self
@@ -2085,6 +2109,20 @@ def _age(entry: Any, now: float) -> float:
     """Seconds since ``entry`` (a storage ``Entry``) was modified. Where the storage cannot tell, 0: what cannot
     be aged may belong to a save in progress, so gc leaves it alone."""
     return 0.0 if entry.mtime is None else now - entry.mtime
+
+
+def _proc_start(pid: int) -> int | None:
+    """The start time (clock ticks since boot, Linux) of process ``pid``, or None if it does not run: with the pid
+    it names one process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):  # a zombie: dead, only not yet reaped by its parent
+            return None
+        return int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _kind(entry: Any) -> str:

@@ -23,6 +23,7 @@ import importlib
 import io
 import logging
 import os
+import posixpath
 import threading
 import time
 import uuid
@@ -35,7 +36,7 @@ import fsspec
 
 from ..errors import StorageError, UnsupportedStorageError
 from ..options import IOOptions
-from .base import Buffer, Storage, _check_rel
+from .base import Buffer, Entry, Storage, _check_rel
 from .retry import RetryPolicy, _storage_error, attach_connection, is_not_implemented, s3_error_info
 
 log = logging.getLogger("ckptstore")
@@ -306,6 +307,36 @@ class S3Storage(Storage):
                 if name and "/" not in name:
                     names.add(name)
         return sorted(names)
+
+    def list_entries(self, rel: str = "") -> list[Entry]:
+        # One paginated ListObjectsV2 through this backend's own client: the same retries, typed errors (a missing
+        # bucket is an error, a missing prefix is empty) and consistency as list_dir.
+        prefix = self._dir_prefix(rel)
+        out: dict[str, Entry] = {}
+        for resp in self._iter_list(prefix, "/"):
+            for cp in resp.get("CommonPrefixes") or ():
+                name = cp["Prefix"][len(prefix) :].strip("/")
+                if name and "/" not in name:
+                    out.setdefault(name, Entry(name, "dir", 0, None))
+            for obj in resp.get("Contents") or ():
+                name = obj["Key"][len(prefix) :]
+                if name and "/" not in name:
+                    mtime = obj.get("LastModified")
+                    ts = mtime.timestamp() if hasattr(mtime, "timestamp") else None
+                    out[name] = Entry(name, "file", max(0, int(obj.get("Size") or 0)), ts)
+        return [out[k] for k in sorted(out)]
+
+    def stat(self, rel: str) -> Entry | None:
+        name = posixpath.basename(_check_rel(rel))
+        if _check_rel(rel):
+            try:
+                head = self._head(rel)
+                mtime = head.get("LastModified")
+                ts = mtime.timestamp() if hasattr(mtime, "timestamp") else None
+                return Entry(name, "file", int(head.get("ContentLength") or 0), ts)
+            except FileNotFoundError:
+                pass
+        return Entry(name, "dir", 0, None) if self.exists(rel) else None
 
     def _head(self, rel: str) -> dict[str, Any]:
         key = self._key(rel)

@@ -177,10 +177,12 @@ def test_ddp_overlap_staging(tmp_path: Path) -> None:
         assert o["steps"] == [1]
         # The DDP forward (buffer broadcast, then the buffer's update) waited: this rank's copy holds its own values.
         assert torch.equal(o["bn_staged"], o["bn_want"]) and not torch.equal(o["bn_now"], o["bn_want"]), r
+        # The ranks' buffers differ, so they are not replicas: step 3 is refused instead of keeping rank 0's only.
+        assert o["bn_save"].startswith("DistributedSaveError") and "'bn/1.acc'" in o["bn_save"], o["bn_save"]
     assert not torch.equal(outs[0]["bn_want"], outs[1]["bn_want"])  # else the test would prove nothing
     assert outs[0]["fault"]["type"] == "DistributedSaveError" and outs[0]["fault"]["failed"] == [1]
     with CheckpointManager(root) as mgr:
-        assert mgr.steps() == [1, 3]
+        assert mgr.steps() == [1]
         sd = mgr.load(1)
     assert_bit_equal(sd["model"], outs[0]["saved"]["model"])
     assert_bit_equal(sd["optim"]["state"], outs[0]["saved"]["optim"]["state"])

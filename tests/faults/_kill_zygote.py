@@ -164,7 +164,7 @@ def run_rank(cfg: dict[str, Any], seed: int, rank: int, status: str) -> None:
     fs = inject(mgr)
     delay = None
     if rank == victim and cfg.get("fault") == "enospc":
-        k = rng.randint(1, dry["events"])
+        k = rng.randint(1, dry["commit_events"])
         desc, faults = f"enospc at event {k}/{dry['events']}", [Fault("enospc", nth=k)]
         fs.add(*faults)
         note(status, f"PLAN victim={victim} {desc}")
@@ -202,7 +202,11 @@ def run_rank_dry(cfg: dict[str, Any], rank: int, status: str) -> None:
     fs = inject(mgr)
     t0 = time.perf_counter()
     mgr.save(2, state(2, 0))
+    # Events after the commit (removing the save's in-progress lease) cannot fail a committed save: ENOSPC is
+    # injected only up to the commit.
+    commits = [i + 1 for i, ev in enumerate(fs.events) if ev.op == "create_exclusive"]
     note(status, json.dumps({"rank": rank, "events": len(fs.events), "bytes": max(1, fs.written),
+                             "commit_events": commits[-1] if commits else len(fs.events),
                              "seconds": time.perf_counter() - t0}))  # fmt: skip
 
 
