@@ -1219,7 +1219,7 @@ class CheckpointManager:
         if step == "best":
             b = self.best()
             if b is None:
-                raise CheckpointNotFoundError(f"no committed step under {self.url} has a numeric 'loss' metric")
+                raise CheckpointNotFoundError(f"no committed step under {self.url} has a finite numeric 'loss' metric")
             wanted = [b.step]
         elif step == "latest":
             wanted = None

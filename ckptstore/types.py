@@ -40,11 +40,15 @@ class CheckpointInfo:
         return _dt.datetime.fromtimestamp(self.created_at, tz=_dt.timezone.utc)
 
     def metric(self, name: str) -> float | None:
-        """The metric's value as float, or None when the step has no such (numeric) metric."""
+        """The metric's value as float, or None when the step has no such (numeric) metric. An int too large for a
+        float (``10**400``) comes back as ``inf``; rank steps with :func:`ckptstore.retention.rank_by_metric`."""
         value = self.metrics.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            return float("inf") if value > 0 else float("-inf")
 
 
 @dataclass(frozen=True, kw_only=True)
