@@ -11,8 +11,9 @@ Example (every rank; the sampler is saved once, as replicated state — not ``Pe
 
     sampler = ElasticSampler(dataset, seed=0)        # world size and rank from torch.distributed
     loader = DataLoader(dataset, batch_size=32, sampler=sampler, num_workers=4)
-    info = mgr.restore({"model": model, "optim": opt, "data": sampler})      # raises if there is no step yet
-    step = info.step
+    step = 0
+    if mgr.latest() is not None:                     # at any world size: the rest of the epoch is re-partitioned
+        step = mgr.restore({"model": model, "optim": opt, "data": sampler}).step
     for epoch in range(sampler.epoch, epochs):
         sampler.set_epoch(epoch)        # no-op for the restored epoch: keeps the restored position
         for x, y in loader:
@@ -45,12 +46,13 @@ The tail of an epoch. With ``R = len - c`` samples left, ``q, rem = divmod(R, W)
 * ``drop_last=False``: ranks ``r < rem`` get ``q + 1`` samples, the others ``q`` — exactly once, no padding
   (DistributedSampler would repeat samples to even the ranks out). A rank that has consumed its whole share
   reports ``consumed == len`` (the epoch is complete). That is exact whenever every rank runs the same number
-  of steps in the pass, which is the case unless ``q`` is a multiple of the batch size (the ``q + 1`` ranks then
-  need one step more, for which DDP needs ``model.join()``; ``q == 0`` is such a case). For that case pass
-  ``batch_size=`` (the per-rank batch size of the loader): the short ranks then report ``len - rem`` until the
-  others have taken their last step, so the cursor is the same on every rank at every step boundary where all
-  ranks have taken the same number of steps. Without ``batch_size`` only rank 0's copy is exact then — it is
-  always one of the ``q + 1`` ranks — and rank 0's copy is the one a replicated save keeps.
+  of steps in the pass. They do unless ``q`` is a multiple of the per-rank batch size (``q == 0`` included)
+  and ``rem > 0``: then the ``q + 1`` ranks take one step more (DDP needs ``model.join()`` for that), and at
+  the boundary before that step the short ranks already report the epoch as complete while the others do
+  not. Rank 0 is always one of the ``q + 1`` ranks, its view is exact at every boundary, and rank 0's copy is
+  the one a replicated save keeps — so even that checkpoint resumes exactly; only the copies differ. (Knowing
+  the batch size would not help: a short rank cannot see whether the others took their extra step, so it
+  would be wrong after that step instead, e.g. at an end-of-epoch save.)
 * ``drop_last=True``: every rank gets ``q``; the last ``rem`` positions are skipped and the epoch counts as
   complete once every rank consumed its ``q``. Which samples are dropped depends on the world size of the
   pass that reaches the end of the epoch (at most ``W - 1`` of them).
@@ -71,6 +73,9 @@ Semantics of the calls
   consumed its whole share, it replays the epoch from the start, as DistributedSampler does without
   ``set_epoch``. Restore *before* creating the loader's iterator: an iterator made before ``load_state_dict`` /
   ``set_epoch`` raises ``ConfigError`` instead of yielding the old order.
+* Use the sampler's ``drop_last``, not the DataLoader's: a loader that drops a partial last batch leaves
+  samples the sampler handed out unconsumed, and the cursor (rightly) does not pass them, so the epoch never
+  counts as complete before ``set_epoch``.
 * The state holds ``dataset_size``, ``shuffle`` and ``order`` (a crc32 of the epoch's permutation) besides the
   cursor. A restore into a dataset of another length, another ``shuffle`` or a torch whose ``randperm``
   produces another permutation is refused with ``StateMismatchError``: the cursor would point into a different
@@ -132,9 +137,7 @@ def _share(remaining: int, world: int, rank: int, drop_last: bool) -> int:
     return q if drop_last else q + (rank < rem)
 
 
-def global_cursor(
-    size: int, start: int, taken: int, world: int, rank: int, *, drop_last: bool, batch_size: int | None = None
-) -> int:
+def global_cursor(size: int, start: int, taken: int, world: int, rank: int, *, drop_last: bool) -> int:
     """The global cursor seen by ``rank`` after it consumed ``taken`` samples of a pass that started at
     ``start`` on ``world`` ranks (positions below it are consumed, or dropped by ``drop_last``). Pure; see the
     module docstring for the tail rules."""
@@ -142,12 +145,9 @@ def global_cursor(
     mine = q if drop_last else q + (rank < rem)
     if taken < mine:
         return start + taken * world
-    if drop_last or rem == 0 or rank < rem:
-        return size
-    # A short rank (one sample fewer than ranks < rem) that consumed its share. The long ranks finish in the
-    # same step unless q is a multiple of the batch size (always when q == 0): then they need one step more.
-    if q == 0 or (batch_size is not None and q % batch_size == 0):
-        return start + q * world
+    # This rank consumed its whole share. In lockstep the others did too — except when this is a short rank
+    # (one sample fewer than the ranks < rem) and q is a multiple of the batch size, so the long ranks still
+    # have a step to take. It cannot tell, and says "complete"; rank 0 is never short, its view stays exact.
     return size
 
 
@@ -177,8 +177,7 @@ def _dataset_size(dataset_or_len: Any) -> int:
         n = len(dataset_or_len)
     except TypeError:
         raise ConfigError(
-            f"ElasticSampler takes a dataset with __len__ or its length as an int, got "
-            f"{type(dataset_or_len).__name__}"
+            f"ElasticSampler takes a dataset with __len__ or its length as an int, got {type(dataset_or_len).__name__}"
         ) from None
     if not _is_int(n) or n < 0:
         raise ConfigError(f"ElasticSampler: len(dataset) must be an int >= 0, got {n!r}")
@@ -220,8 +219,6 @@ class ElasticSampler(Sampler[int]):
     ``dataset_or_len``: a map-style dataset (or its length). ``num_replicas`` / ``rank`` default to the
     torch.distributed world when it is initialised, else 1 / 0. ``shuffle``, ``seed``, ``drop_last`` as for
     DistributedSampler (but ``drop_last=False`` never repeats samples: some ranks get one fewer).
-    ``batch_size``: optional, the loader's per-rank batch size; makes the cursor identical on every rank also
-    in the one uneven-tail case described in the module docstring.
 
     The training loop calls :meth:`advance` with the number of samples it consumed on this rank;
     :meth:`state_dict` / :meth:`load_state_dict` make the sampler a value ``mgr.save`` / ``mgr.restore``
@@ -245,7 +242,6 @@ class ElasticSampler(Sampler[int]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
-        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.dataset_size = _dataset_size(dataset_or_len)
@@ -253,11 +249,8 @@ class ElasticSampler(Sampler[int]):
         for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
             if not isinstance(flag, bool):
                 raise ConfigError(f"ElasticSampler: {name} must be a bool, got {flag!r}")
-        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
-            raise ConfigError(f"ElasticSampler: batch_size must be an int >= 1 or None, got {batch_size!r}")
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.batch_size = batch_size
         self.seed = _check_seed(seed, "ElasticSampler")
         self._epoch = 0
         self._start = 0  # global cursor at which the current pass starts
@@ -289,7 +282,6 @@ class ElasticSampler(Sampler[int]):
             self.num_replicas,
             self.rank,
             drop_last=self.drop_last,
-            batch_size=self.batch_size,
         )
 
     @property
@@ -443,9 +435,7 @@ class ElasticSampler(Sampler[int]):
                 "create the sampler with the same shuffle to continue the epoch"
             )
         if not _is_int(consumed) or not 0 <= consumed <= size:
-            raise StateMismatchError(
-                f"ElasticSampler state: consumed must be an int in [0, {size}], got {consumed!r}"
-            )
+            raise StateMismatchError(f"ElasticSampler state: consumed must be an int in [0, {size}], got {consumed!r}")
         if not _is_int(order) or not 0 <= order <= 0xFFFFFFFF:
             raise StateMismatchError(f"ElasticSampler state: order must be a 32-bit crc, got {order!r}")
         perm = _permutation(size, seed, epoch, shuffle)
