@@ -10,6 +10,8 @@ every id they train on to a file; the test then counts them. The per-rank bodies
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -133,3 +135,18 @@ def test_elastic_resume_across_an_epoch_boundary(tmp_path: Path) -> None:
     assert {e for r in range(2) for e, _ in files[f"leg2-rank{r}"]} == {1}
     # Epoch 1 used its own permutation, continued across the 2 -> 3 resume.
     assert sorted(i for r in range(2) for _, i in files[f"leg2-rank{r}"]) == sorted(perm(n, 1)[:24])
+
+
+@pytest.mark.timeout(400)
+def test_example_script(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "elastic_train.py"
+    proc = subprocess.run(
+        [sys.executable, str(example), "--root", str(tmp_path / "ck"), "--worlds", "2,3"],
+        capture_output=True,
+        text=True,
+        timeout=380,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "[job 1] 3 ranks, resume at step 6: epoch 0, cursor 48" in out, out[-4000:]
+    assert "each of 103 ids exactly once in each of 1 epoch(s): True" in out, out[-4000:]
