@@ -38,7 +38,8 @@ sampler for ``prefetch_factor * num_workers`` batches ahead of training (and a s
 batch being trained on), so the sampler always runs ahead of what the model has seen. Counting yields would
 make a checkpoint skip the prefetched batches. The training loop therefore tells the sampler what it consumed,
 ``sampler.advance(len(batch))`` after the step; ``state_dict()`` reports the cursor from those counts.
-(``yielded`` is still counted, for diagnostics.) ``advance`` refuses more than this rank's share or more than
+(A ``state_dict(batches_consumed)`` would do the same, but the manager calls ``state_dict()`` without
+arguments; ``yielded`` is still counted, for diagnostics.) ``advance`` refuses more than this rank's share or more than
 was yielded, which catches e.g. ``advance(global_batch)`` instead of the per-rank batch.
 
 The tail of an epoch. With ``R = len - c`` samples left, ``q, rem = divmod(R, W)``:
@@ -97,8 +98,9 @@ round-robin to the ranks — and the ability to skip ``offset`` records (or seek
 1. the dataset yields ``(shard, index_in_shard, sample)``, so the training loop (not the prefetching workers)
    knows what it consumed and updates its own ``{shard: offset}`` after each step;
 2. before each save, ``torch.distributed.all_gather_object`` the per-rank tables and merge them into the one
-   global table, identical on every rank, which is saved as replicated state (a ``PerRank`` table would be
-   lost for ranks that did not exist, exactly the bug this module fixes);
+   global table, identical on every rank, which is saved as replicated state (with ``PerRank`` tables the
+   entries of ranks that no longer exist would be lost and new ranks would get none — the bug this module
+   fixes for map-style data);
 3. on restore, every rank reads the whole table, computes the assignment for the new world size and starts
    each of its shards at the stored offset.
 
