@@ -11,6 +11,7 @@ Example::
 
 from . import errors
 from ._version import __version__
+from .elastic import ElasticSampler
 from .errors import CheckpointError
 from .format.state import PerRank, Pickled
 from .manager import CheckpointManager, PendingSave
@@ -21,6 +22,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",
+    "ElasticSampler",
     "IOOptions",
     "PendingSave",
     "PerRank",
