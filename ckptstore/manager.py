@@ -59,10 +59,12 @@ from .io import (
     verify_views,
     write_files,
 )
+from .layout import StepFiles, manifest_name, parse_manifest_name, parse_quarantine_name, quarantine_name
 from .options import IOOptions
 from .plan import LocalSpec, WritePlan, diverged_replicas, plan_writes
 from .staging import StagingPool
 from .storage import Storage, open_storage
+from .transfer import committed_steps, copy_step, generation_of, parent_of, read_manifest, step_files, verify_step
 from .types import CheckpointInfo, SaveResult
 
 log = logging.getLogger("ckptstore")
@@ -343,6 +345,11 @@ class CheckpointManager:
         self._restoring: set[int] = set()
         self._closed = False
         self._pid = os.getpid()
+        # Lineage: the (step, generation) the next save continues from (the last restore or save), and the step a
+        # restore went back to while newer steps may exist (they are superseded at the next save).
+        self._last_saved: tuple[int, int] | None = None
+        self._restored: tuple[int, int] | None = None
+        self._verified: set[tuple[str, int, int]] = set()
 
     # -- construction helpers ------------------------------------------------------------------------------
     @classmethod
@@ -387,24 +394,28 @@ class CheckpointManager:
         """Committed steps (those with a manifest), ascending as integers; ``tier="all"`` merges both tiers."""
         if tier == "all":
             return sorted({s for t in self.tiers for s in self.steps(t)})  # type: ignore[arg-type]
-        from .transfer import committed_steps
-
         with self._lock:
             known = {s for t, s in self._manifests if t == tier}
         return committed_steps(self._tier(tier), known)
 
-    def _manifest(self, step: int, tier: str = "primary") -> Manifest:
+    def _manifest(self, step: int, tier: str = "primary", *, any_generation: bool = False) -> Manifest:
+        """The visible generation's manifest of ``step`` (cached). ``any_generation``: for a step whose
+        generations are all quarantined, the newest of them; asked for by number, a quarantined step is still
+        read (and fully verified), so it can be inspected, or used again once repaired."""
         m = self._manifests.get((tier, step))
         if m is not None:
             return m
-        from .transfer import read_manifest
-
         storage = self._tier(tier)
         try:
             m, _ = read_manifest(storage, step)
         except CheckpointNotFoundError:
+            files = step_files(storage, step)
+            if any_generation and files.committed:
+                return read_manifest(storage, step, files.committed[-1])[0]
+            reason = self._quarantine_reason(storage, step)
+            why = f"it is quarantined: {reason[:300]}" if reason is not None else f"no {MANIFEST_NAME}"
             raise CheckpointNotFoundError(
-                f"step {step} is not committed under {storage.url} (no {MANIFEST_NAME}); committed steps: "
+                f"step {step} is not committed under {storage.url} ({why}); committed steps: "
                 f"{_fmt_steps(self.steps(tier))}",  # type: ignore[arg-type]
                 step=step,
             ) from None
@@ -412,7 +423,28 @@ class CheckpointManager:
             self._manifests[(tier, step)] = m
         return m
 
-    def _info(self, m: Manifest, tier: str = "primary") -> CheckpointInfo:
+    @staticmethod
+    def _quarantine_reason(storage: Storage, step: int, generation: int | None = None) -> str | None:
+        """Why the newest (or the given) quarantined generation of ``step`` is out of service, or None."""
+        try:
+            files = step_files(storage, step)
+            gens = sorted(files.quarantined) if generation is None else [generation]
+            if not gens or gens[-1] not in files.quarantined:
+                return None
+            rel = f"{step_dir(step)}/{quarantine_name(gens[-1])}"
+            entry = storage.stat(rel)
+            if entry is None or entry.kind != "file" or entry.size > 65536:
+                return "quarantined (the marker is not a small file)"
+            body = json.loads(storage.read_bytes(rel))
+            reason = body.get("reason") if isinstance(body, dict) else None
+            return reason if isinstance(reason, str) else "quarantined"
+        except (OSError, EOFError, ValueError):
+            return "quarantined (the marker cannot be read)"
+
+    def _info(self, m: Manifest, tier: str = "primary", *, quarantined: str | None = None) -> CheckpointInfo:
+        verified = True if (tier, m.step, generation_of(m)) in self._verified else None
+        if quarantined is not None and quarantined.startswith("failed verification"):
+            verified = False
         return CheckpointInfo(
             step=m.step,
             epoch=m.epoch,
@@ -423,26 +455,55 @@ class CheckpointManager:
             world_size=m.world_size,
             url=self._tier(tier).url_of(step_dir(m.step)),
             tier=tier,
+            generation=generation_of(m),
+            parent=parent_of(m),
+            verified=verified,
+            quarantined=quarantined,
         )
 
     def info(self, step: int) -> CheckpointInfo:
         """Metadata of a committed step (``CheckpointNotFoundError`` if there is none)."""
-        return self._info(self._manifest(_check_step(step)))
+        step = _check_step(step)
+        m = self._manifest(step, any_generation=True)
+        with self._lock:
+            visible = ("primary", step) in self._manifests
+        reason = None if visible else self._quarantine_reason(self.storage, step, generation_of(m))
+        return self._info(m, quarantined=reason)
 
     def manifest(self, step: int) -> Manifest:
         """The parsed manifest of a committed step (read-only use)."""
-        return self._manifest(_check_step(step))
+        return self._manifest(_check_step(step), any_generation=True)
 
-    def history(self, tier: Literal["primary", "mirror"] = "primary") -> list[CheckpointInfo]:
-        """Every committed step's info (step, epoch, metrics, bytes, created_at), ascending; unreadable manifests
-        are skipped with a warning."""
+    def history(
+        self, tier: Literal["primary", "mirror"] = "primary", *, include_quarantined: bool = False
+    ) -> list[CheckpointInfo]:
+        """Every committed step's info (step, epoch, metrics, bytes, created_at, generation, parent), ascending;
+        unreadable manifests are skipped with a warning. ``include_quarantined``: every generation of every step,
+        quarantined ones too (``info.quarantined`` says why) — the lineage ``ckptstore ls --all`` shows."""
+        if not include_quarantined:
+            out = []
+            for s in self.steps(tier):
+                try:
+                    out.append(self._info(self._manifest(s, tier), tier))
+                except (ManifestError, CheckpointNotFoundError) as e:
+                    log.warning("skipping step %d (%s tier): %s", s, tier, e)
+            return out
+        storage = self._tier(tier)
         out = []
-        for s in self.steps(tier):
-            try:
-                out.append(self._info(self._manifest(s, tier), tier))
-            except (ManifestError, CheckpointNotFoundError) as e:
-                log.warning("skipping step %d (%s tier): %s", s, tier, e)
-        return out
+        for entry in storage.list_entries(""):
+            s = parse_step_dir(entry.name)
+            if s is None or entry.kind != "dir":
+                continue
+            files = step_files(storage, s)
+            for g in files.committed:
+                try:
+                    m, _ = read_manifest(storage, s, g)
+                except (ManifestError, CheckpointNotFoundError, UnsafeCheckpointError) as e:
+                    log.warning("skipping step %d generation %d (%s tier): %s", s, g, tier, e)
+                    continue
+                reason = self._quarantine_reason(storage, s, g) if g in files.quarantined else None
+                out.append(self._info(m, tier, quarantined=reason))
+        return sorted(out, key=lambda i: (i.step, i.generation))
 
     def latest(self) -> CheckpointInfo | None:
         """The newest committed step, or None."""
@@ -697,13 +758,17 @@ class CheckpointManager:
         decision: dict[str, Any] = {}
         check_error: OSError | None = None
         if comm.rank == 0:
+            exists, generation = None, 1
             try:
-                exists = self.storage.exists(f"{prefix}/{MANIFEST_NAME}")
+                job.parent = self._lineage_for(job.step)
+                files = step_files(self.storage, job.step)
+                # A step number whose generations are all quarantined (failed verification, or superseded by a
+                # run resumed from an older step) is saved again as the next generation.
+                exists, generation = files.visible is not None, files.next_generation
             except OSError as e:
-                exists = None
                 check_error = e
                 decision["error"] = f"cannot check {self.url}: {e}"
-            decision.update(exists=exists, save_id=uuid.uuid4().hex[:8])
+            decision.update(exists=exists, generation=generation, save_id=uuid.uuid4().hex[:8])
         decision = comm.broadcast(decision, what=f"start of the save of step {job.step}")
         if decision.get("error"):
             if not comm.is_distributed:
@@ -724,6 +789,7 @@ class CheckpointManager:
                 step=job.step,
             )
         save_id = decision["save_id"]
+        job.generation = decision["generation"]
         committed = False
         lease_error: OSError | None = None
         # Other processes' gc must see this save as in progress however long it takes (a slow rank, a long
@@ -814,20 +880,20 @@ class CheckpointManager:
             # A collective failed (a rank died or is stuck) or the plan was refused: nothing is committed and
             # the files of this attempt are garbage. A committed step is never cleaned up.
             if not committed:
-                self._cleanup_attempt(prefix, save_id, job.lease)
+                self._cleanup_attempt(prefix, save_id, job.lease, job.generation)
             raise
         except BaseException as e:
             # Single process (or this rank's own preparation error): a write or the commit failed — disk full,
             # I/O error, S3 gave up after its retries. Nothing is committed; the files of this attempt go now
             # rather than at the next gc, and the caller gets a typed error that is still an OSError.
             if not committed:
-                self._cleanup_attempt(prefix, save_id, job.lease)
+                self._cleanup_attempt(prefix, save_id, job.lease, job.generation)
             typed = _typed_os_error(e, f"step {job.step} was not saved (nothing was committed)")
             if typed is e:
                 raise
             raise typed from e
         if not outcome["ok"]:
-            self._cleanup_attempt(prefix, save_id, job.lease)
+            self._cleanup_attempt(prefix, save_id, job.lease, job.generation)
             if "exists" in outcome:
                 raise CheckpointExistsError(outcome["exists"], step=job.step)
             failed = outcome["failed"]
@@ -899,11 +965,13 @@ class CheckpointManager:
             world_size=self.comm.world_size,
             save_id=save_id,
             versions={"ckptstore": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            extras={"lineage": _lineage(job.generation, job.parent)},
         )
 
     def _commit(self, step: int, m: Manifest) -> None:
         prefix = step_dir(step)
-        rel = f"{prefix}/{MANIFEST_NAME}"
+        generation = generation_of(m)
+        rel = f"{prefix}/{manifest_name(generation)}"
         data = m.to_bytes()
         self._check_files(step, prefix, m.files)
         self.storage.sync_dir(prefix)
@@ -917,11 +985,64 @@ class CheckpointManager:
         except OSError as e:
             # The outcome may be unknown (e.g. the answer to the S3 PUT was lost and the retries failed): if our
             # manifest is in place, the step IS committed and its data must not be cleaned up as a failed attempt.
-            if self._own_manifest(prefix, m.save_id) is not True:
+            if self._own_manifest(prefix, m.save_id, generation) is not True:
                 raise
             log.warning("step %d: the commit reported %r, but its manifest is in place: the step is committed", step, e)
         with self._lock:
             self._manifests[("primary", step)] = m
+            self._last_saved, self._restored = (step, generation), None
+
+    def _lineage_for(self, step: int) -> tuple[int, int] | None:
+        """Rank 0, at the start of a save of ``step``: the (step, generation) it continues from.
+
+        After a restore of an older step, a save at or below a step that exists means the run went back in time
+        (a fallback after damage, or on purpose after a loss spike): every visible step newer than the restored
+        one belongs to the abandoned timeline and is quarantined as superseded, on every tier, before this save
+        commits, so ``latest`` never returns to it and the same step numbers can be saved again as new
+        generations. A save above every existing step (training simply went on, e.g. after restoring an old
+        step into an evaluation model) supersedes nothing."""
+        restored = self._restored
+        if restored is None:
+            return self._last_saved
+        newer = {t: [x for x in self.steps(t) if x > restored[0]] for t in self.tiers}  # type: ignore[arg-type]
+        if not any(x >= step for xs in newer.values() for x in xs):
+            return self._last_saved or restored
+        why = f"superseded: the run resumed from step {restored[0]} and saved step {step} on a new timeline"
+        for tier, xs in newer.items():
+            for x in xs:
+                self._quarantine(tier, x, why)
+        return restored
+
+    def _quarantine(self, tier: str, step: int, reason: str, generation: int | None = None) -> None:
+        """Take a generation of ``step`` out of service: a marker file beside its manifest (rank 0 only)."""
+        storage = self._tier(tier)
+        g = generation if generation is not None else step_files(storage, step).visible
+        if g is None:
+            return
+        body = json.dumps({"generation": g, "reason": reason, "at": time.time(), "host": platform.node()})
+        try:
+            storage.create_exclusive(f"{step_dir(step)}/{quarantine_name(g)}", body.encode())
+        except FileExistsError:
+            pass  # quarantined already (another rank or process)
+        with self._lock:
+            self._manifests.pop((tier, step), None)
+        log.warning("quarantined step %d generation %d (%s tier): %s", step, g, tier, reason)
+
+    def _quarantine_if_damaged(self, step: int, tier: str) -> None:
+        """Rank 0, after a restore/load fell back from ``step``: re-verify it once (a transient short read must
+        not retire a good step) and quarantine it if it still fails."""
+        if self.comm.rank != 0:
+            return
+        try:
+            res = verify_step(self._tier(tier), step, threads=self.io.threads)
+        except CheckpointNotFoundError:
+            return
+        except (OSError, CheckpointError) as e:
+            log.warning("could not re-verify step %d (%s tier) to quarantine it: %s", step, tier, e)
+            return
+        if not res.ok:
+            problems = "; ".join(str(p) for p in res.problems[:3])
+            self._quarantine(tier, step, f"failed verification: {problems}")
 
     def _check_files(self, step: int, prefix: str, files: Mapping[str, int]) -> None:
         """Every file the manifest names is there with its size (one listing), or nothing is committed: another
@@ -939,9 +1060,9 @@ class CheckpointManager:
             err.errno = errno.ENOENT
             raise err
 
-    def _own_manifest(self, prefix: str, save_id: str) -> bool | None:
+    def _own_manifest(self, prefix: str, save_id: str, generation: int = 1) -> bool | None:
         """Whether the manifest under ``prefix`` is the one of save ``save_id`` (None: it cannot be told now)."""
-        rel = f"{prefix}/{MANIFEST_NAME}"
+        rel = f"{prefix}/{manifest_name(generation)}"
         try:
             if not self.storage.exists(rel):
                 return False
@@ -951,13 +1072,13 @@ class CheckpointManager:
         except (OSError, EOFError, CheckpointError):
             return None
 
-    def _cleanup_attempt(self, prefix: str, save_id: str, lease: _Lease | None = None) -> None:
+    def _cleanup_attempt(self, prefix: str, save_id: str, lease: _Lease | None = None, generation: int = 1) -> None:
         """Remove the files of failed save ``save_id`` — never those of a committed step or of another writer."""
         if lease is not None:
             lease.stop()
         if self.comm.rank != 0:
             return
-        own = self._own_manifest(prefix, save_id)
+        own = self._own_manifest(prefix, save_id, generation)
         if own is not False:
             # Committed after all (an ambiguous commit), or the storage cannot tell right now: leave the files;
             # gc removes them later if they turn out to be garbage.
@@ -1028,8 +1149,6 @@ class CheckpointManager:
                 self._mirror_futures.append(self._mirror_executor.submit(self._mirror_one, s))
 
     def _mirror_one(self, step: int) -> int:
-        from .transfer import copy_step
-
         assert self.mirror_storage is not None
         try:
             t0 = time.perf_counter()
@@ -1124,9 +1243,12 @@ class CheckpointManager:
         prefix = step_dir(step)
         with self._lock:
             self._manifests.pop((tier, step), None)
-        if not storage.exists(f"{prefix}/{MANIFEST_NAME}") and not storage.list_dir(prefix):
+        names = storage.list_dir(prefix)
+        if not names:
             raise CheckpointNotFoundError(f"step {step} does not exist under {storage.url}", step=step)
-        storage.remove(f"{prefix}/{MANIFEST_NAME}")
+        for name in names:  # every generation's manifest first: the step disappears before its data goes
+            if parse_manifest_name(name) is not None:
+                storage.remove(f"{prefix}/{name}")
         storage.sync_dir(prefix)
         storage.remove_tree(prefix)
         if tier == "primary":
@@ -1184,11 +1306,13 @@ class CheckpointManager:
         if any(self._lease_live(f"{name}/{e.name}", e, now) for e in leases):
             log.info("gc: leaving %s alone: a save is in progress there (%s)", name, leases[0].name)
             return []
-        committed = any(e.name == MANIFEST_NAME and e.kind == "file" for e in entries)
-        keep: set[str] = {MANIFEST_NAME}
+        files = StepFiles.from_entries((e.name, e.kind) for e in entries)
+        committed = bool(files.committed)
+        keep: set[str] = {e.name for e in entries if parse_manifest_name(e.name) or parse_quarantine_name(e.name)}
         if committed:
             try:
-                keep |= set(self._manifest(step).files)
+                for g in files.committed:  # quarantined generations too: kept for inspection
+                    keep |= set(read_manifest(self.storage, step, g)[0].files)
                 # Artifacts committed next to the step (their sidecar exists) are part of it too.
                 from .artifacts import list_artifacts, sidecar_name
 
@@ -1232,7 +1356,7 @@ class CheckpointManager:
                 (s, t)
                 for s in wanted
                 for t in self.tiers
-                if (t, s) in self._manifests or self._tier(t).exists(f"{step_dir(s)}/{MANIFEST_NAME}")
+                if (t, s) in self._manifests or step_files(self._tier(t), s).committed
             ]
             return out or [(wanted[0], "primary")]  # reading it raises a CheckpointNotFoundError listing the steps
         on = {t: set(self.steps(t)) for t in self.tiers}  # type: ignore[arg-type]
@@ -1285,6 +1409,7 @@ class CheckpointManager:
         # Target memory that failed attempts already overwrote with unverified bytes: a fallback step must set
         # all of it again, or the state would mix two steps.
         dirty: dict[tuple[int, int], str] = {}
+        failed: list[tuple[int, str]] = []  # fallen back from: re-verified and quarantined once one succeeds
         for i, (s, tier) in enumerate(cands):
             # Two phases, each ending in one all_gather: (1) every rank plans its reads and checks the state fits
             # (nothing changed yet, so a refusal on any rank leaves every rank's state untouched); (2) every rank
@@ -1294,7 +1419,7 @@ class CheckpointManager:
             try:
                 err: BaseException | None = None
                 try:
-                    m = self._manifest(s, tier)
+                    m = self._manifest(s, tier, any_generation=isinstance(step, int))
                     rc = self._plan_restore(m, state, map_location, strict, trusted, self._tier(tier), dirty)
                 except Exception as e:  # every rank must reach the all_gather below, whatever went wrong here
                     err = self._read_error(e, s, tier)
@@ -1310,7 +1435,15 @@ class CheckpointManager:
                 self._restoring.discard(s)
             if not bad:
                 assert rc is not None
-                info = self._info(self._manifest(s, tier), tier)
+                m = self._manifest(s, tier, any_generation=isinstance(step, int))
+                gen = generation_of(m)
+                with self._lock:
+                    self._restored = (s, gen)
+                    if verify is not False and self.io.verify:
+                        self._verified.add((tier, s, gen))
+                for bad_step, bad_tier in failed:
+                    self._quarantine_if_damaged(bad_step, bad_tier)
+                info = self._info(m, tier)
                 return replace(info, missing_per_rank=tuple(rc.missing_per_rank))
             integrity = all(e[0] in ("IntegrityError", "ManifestError") for _, e in bad)
             same_step_next = i + 1 < len(cands) and cands[i + 1][0] == s  # the mirror's copy of this step
@@ -1327,6 +1460,7 @@ class CheckpointManager:
                 "its mirror copy" if same_step_next else "the previous step",
             )
             last = err or IntegrityError(bad[0][1][1], step=s)
+            failed.append((s, tier))
         assert last is not None
         raise last
 
@@ -1365,11 +1499,15 @@ class CheckpointManager:
         self.wait()
         last: BaseException | None = None
         cands = self._candidates(step)
+        failed: list[tuple[int, str]] = []
         for i, (s, tier) in enumerate(cands):
             try:
                 try:
-                    m = self._manifest(s, tier)
-                    return self._load_from(m, map_location, verify, trusted, self._tier(tier))
+                    m = self._manifest(s, tier, any_generation=isinstance(step, int))
+                    value = self._load_from(m, map_location, verify, trusted, self._tier(tier))
+                    for bad_step, bad_tier in failed:
+                        self._quarantine_if_damaged(bad_step, bad_tier)
+                    return value
                 except OSError as e:
                     typed = _typed_os_error(e, f"step {s} could not be read from {self._tier(tier).url}")
                     if typed is e:
@@ -1381,6 +1519,7 @@ class CheckpointManager:
                     raise
                 log.warning("step %d (%s tier) does not verify (%s); trying the next candidate", s, tier, e)
                 last = e
+                failed.append((s, tier))
         if last is not None:
             raise last
         raise CheckpointNotFoundError(f"no committed step under {self.url}")
@@ -1887,6 +2026,10 @@ class _SaveJob:
     """Overlapped staging: training also waited ``copy.waited`` seconds for the copy in hooks."""
     lease: _Lease | None = None
     """Rank 0: the in-progress marker of this save (see :class:`_Lease`)."""
+    generation: int = 1
+    """Which generation of the step number this save commits (rank 0 decides; see :mod:`ckptstore.layout`)."""
+    parent: tuple[int, int] | None = None
+    """Rank 0: the (step, generation) this save continues from, recorded in the manifest."""
 
 
 LEASE_PREFIX = ".saving-"
@@ -1949,6 +2092,11 @@ class _PrepFailed:
 
     def __init__(self, e: BaseException) -> None:
         self.message = f"{type(e).__name__}: {e}"
+
+
+def _lineage(generation: int, parent: tuple[int, int] | None) -> dict[str, Any]:
+    up = None if parent is None else {"step": parent[0], "generation": parent[1]}
+    return {"generation": generation, "parent": up}
 
 
 def _replica_problems(step: int, all_specs: Sequence[Sequence[LocalSpec]]) -> tuple[str | None, dict[int, str]]:

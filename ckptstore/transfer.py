@@ -43,6 +43,7 @@ from .errors import (
 from .format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, Piece, parse_step_dir, step_dir
 from .format.safetensors import parse_header
 from .io import crc32c
+from .layout import StepFiles, manifest_name
 from .storage.base import NotRegularFileError, Storage
 
 log = logging.getLogger("ckptstore")
@@ -162,7 +163,7 @@ def as_storage(x: Any) -> Storage:
 
 
 def committed_steps(storage: Storage, known: Container[int] = ()) -> list[int]:
-    """Committed steps (a ``manifest.json`` exists) under ``storage``, ascending as integers.
+    """Steps with a visible generation (a manifest that is not quarantined) under ``storage``, ascending.
 
     Only real step directories count: a symbolic link, FIFO or file named like a step is skipped with a warning
     (never followed). Steps in ``known`` (e.g. manifests already read) are not checked again.
@@ -179,18 +180,29 @@ def committed_steps(storage: Storage, known: Container[int] = ()) -> list[int]:
         if entry.kind != "dir":
             log.warning("ignoring %s under %s: not a real step directory (%s)", entry.name, storage.url, entry.kind)
             continue
-        if s in known or storage.exists(f"{entry.name}/{MANIFEST_NAME}"):
+        if s in known or step_files(storage, s).visible is not None:
             out.append(s)
     return sorted(out)
 
 
-def read_manifest(storage: Storage, step: int) -> tuple[Manifest, bytes]:
-    """The parsed manifest of a committed step and its exact bytes.
+def step_files(storage: Storage, step: int) -> StepFiles:
+    """The generations of ``step`` (committed, quarantined) from one listing of its directory."""
+    return StepFiles.from_entries((e.name, e.kind) for e in storage.list_entries(step_dir(step)))
 
-    Raises ``CheckpointNotFoundError`` when the step is not committed and ``ManifestError`` when the manifest is
-    oversized, malformed or claims another step.
+
+def read_manifest(storage: Storage, step: int, generation: int | None = None) -> tuple[Manifest, bytes]:
+    """The parsed manifest of a committed step (its visible generation, or ``generation``) and its exact bytes.
+
+    Raises ``CheckpointNotFoundError`` when the step is not committed (or every generation is quarantined) and
+    ``ManifestError`` when the manifest is oversized, malformed, not a regular file or claims another step.
     """
-    rel = f"{step_dir(step)}/{MANIFEST_NAME}"
+    if generation is None:
+        files = step_files(storage, step)
+        generation = files.visible
+        if generation is None:
+            why = " (every generation of it is quarantined)" if files.committed else ""
+            raise CheckpointNotFoundError(f"step {step} is not committed under {storage.url}{why}", step=step)
+    rel = f"{step_dir(step)}/{manifest_name(generation)}"
     where = storage.url_of(rel)
     try:
         size = storage.size(rel)
@@ -207,7 +219,24 @@ def read_manifest(storage: Storage, step: int) -> tuple[Manifest, bytes]:
     m = Manifest.from_bytes(data, where=where)
     if m.step != step:
         raise ManifestError(f"{where} says step {m.step}, but it lives under step {step}")
+    if generation_of(m) != generation:
+        raise ManifestError(f"{where} says generation {generation_of(m)}, but its name says {generation}")
     return m, data
+
+
+def generation_of(m: Manifest) -> int:
+    """The generation a manifest records (``extras.lineage.generation``; 1 when absent, as before lineage)."""
+    lineage = m.extras.get("lineage") if isinstance(m.extras, dict) else None
+    g = lineage.get("generation", 1) if isinstance(lineage, dict) else 1
+    return g if isinstance(g, int) and not isinstance(g, bool) and g >= 1 else 0
+
+
+def parent_of(m: Manifest) -> tuple[int, int] | None:
+    """(step, generation) this step was trained on from, as recorded at save time; None if unknown."""
+    lineage = m.extras.get("lineage") if isinstance(m.extras, dict) else None
+    p = lineage.get("parent") if isinstance(lineage, dict) else None
+    ok = isinstance(p, dict) and all(type(p.get(k)) is int for k in ("step", "generation"))
+    return (p["step"], p["generation"]) if ok else None
 
 
 def _pieces_by_file(m: Manifest) -> dict[str, list[tuple[str, Piece]]]:
@@ -364,8 +393,11 @@ def verify_step(
     t0 = time.perf_counter()
     res = VerifyResult(step=step)
     prefix = step_dir(step)
+    files = step_files(st, step)
+    # The visible generation, or for a quarantined step its newest one (verify is how it gets inspected).
+    generation = files.visible or (files.committed[-1] if files.committed else None)
     try:
-        m, _ = read_manifest(st, step)
+        m, _ = read_manifest(st, step, generation)
     except CheckpointNotFoundError:
         raise
     except (ManifestError, UnsafeCheckpointError) as e:
@@ -487,10 +519,12 @@ def copy_step(
     s, d = as_storage(src), as_storage(dst)
     t0 = time.perf_counter()
     prefix = step_dir(step)
-    manifest_rel = f"{prefix}/{MANIFEST_NAME}"
+    m, manifest_bytes = read_manifest(s, step)
+    # The same generation under the same name: a mirror holding an older generation of this step number (from
+    # an abandoned branch) still gets the current one beside it.
+    manifest_rel = f"{prefix}/{manifest_name(generation_of(m))}"
     if d.exists(manifest_rel):
         raise CheckpointExistsError(f"step {step} is already committed under {d.url}", step=step)
-    m, manifest_bytes = read_manifest(s, step)
     by_file = _pieces_by_file(m)
     written: list[str] = []
     wlock = threading.Lock()

@@ -30,6 +30,17 @@ class CheckpointInfo:
     """Location of the step's prefix."""
     tier: str = "primary"
     """``"primary"`` or ``"mirror"`` for tiered managers."""
+    generation: int = 1
+    """Which save of this step number this is: 1, or 2, 3, ... when a run that resumed from an older step saved
+    the number again (see ``ckptstore.layout``)."""
+    parent: tuple[int, int] | None = None
+    """(step, generation) the run was continuing from when it saved this step; None if unknown."""
+    verified: bool | None = None
+    """True once this manager read every byte of it and the checksums matched (a restore or load); None when
+    not checked in this process. Steps that fail verification are quarantined and not listed."""
+    quarantined: str | None = None
+    """Why this generation is out of service (failed verification, superseded by a resumed run), or None.
+    Only ``history(include_quarantined=True)`` lists such steps."""
     missing_per_rank: tuple[str, ...] = ()
     """``restore(strict=False)`` only: paths of ``PerRank`` values this rank has no saved value for (the step was
     saved at another world size); they were left unchanged. With ``strict=True`` that is a StateMismatchError."""
