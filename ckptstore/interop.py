@@ -27,12 +27,14 @@ import logging
 import math
 import os
 import pickle
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ._dcp_metadata import needs_trust
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -240,7 +242,9 @@ def detect_format(path: str) -> str:
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, ".metadata")):
             return "dcp"
-        raise UnsupportedValueError(f"{path} is a directory without .metadata: not a torch.distributed.checkpoint")
+        raise ManifestError(
+            f"{path} is a directory without .metadata, so not a torch.distributed.checkpoint: {_NOT_A_CHECKPOINT}"
+        )
     low = path.lower()
     if low.endswith(".safetensors"):
         return "safetensors"
@@ -269,20 +273,50 @@ def load_external(path: str | os.PathLike[str], *, trusted: bool = False) -> Ext
         return External(_load_dcp(path, trusted=trusted), "dcp", has_pickles=False)
     if fmt in ("safetensors", "safetensors-index"):
         return _load_safetensors(path, index=fmt == "safetensors-index")
+    _check_torch_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return External(state, "torch")
     except pickle.UnpicklingError as e:
         if not trusted:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UnsafeCheckpointError(
-                f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses ({first[:200]}). "
-                "Re-save it as a state_dict, or pass trusted=True (--trusted) if you trust who wrote it"
+            raise needs_trust(
+                UnsafeCheckpointError,
+                f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses "
+                f"({_weights_only_reason(e)})",
+                "Re-save it as a plain state_dict, or pass {flag} if you trust who wrote it",
             ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ManifestError(f"{path} is not a file torch.load can read: {e}") from None
-    state = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the caller
+    except Exception as e:  # damaged data: torch's readers raise whatever they meet (IndexError, KeyError, ...)
+        raise ManifestError(f"{path} is not a file torch.load can read: {type(e).__name__}: {e}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the caller
+    except Exception as e:
+        raise ManifestError(f"{path} is not a file torch.load can read: {type(e).__name__}: {e}") from None
     return External(state, "torch", has_pickles=True)
+
+
+_NOT_A_CHECKPOINT = (
+    "expected a torch.save file (.pt/.pth), a .safetensors file, a *.safetensors.index.json or a "
+    "torch.distributed.checkpoint directory"
+)
+
+
+def _check_regular_file(path: str) -> None:
+    if not os.path.isfile(path):  # a FIFO, a device, a socket: reading one could block or never end
+        raise ManifestError(f"{path} is not a regular file: {_NOT_A_CHECKPOINT}")
+
+
+def _check_torch_file(path: str) -> None:
+    """A torch.save file is a zip archive (torch >= 1.6) or a pickle (the legacy format): refuse anything else
+    before torch's readers see it."""
+    _check_regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ManifestError(f"cannot read {path}: {e.strerror or e}") from None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ManifestError(f"{path} is not a checkpoint ({'an empty file' if not head else 'unknown content'}): "
+                            f"{_NOT_A_CHECKPOINT}")  # fmt: skip
 
 
 def _load_safetensors(path: str, *, index: bool) -> External:
@@ -342,38 +376,65 @@ def _load_safetensors(path: str, *, index: bool) -> External:
 
 def _load_dcp(path: str, *, trusted: bool) -> Any:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+
+    from . import _dcp_metadata
+
+    meta_path = os.path.join(path, ".metadata")
+    if not os.path.isfile(meta_path):
+        raise ManifestError(f"{meta_path} is not a regular file: not a torch.distributed.checkpoint")
+    cache: dict[str, Any] = {}
 
     class SafeReader(dcp.FileSystemReader):  # type: ignore[misc]
-        """DCP keeps its index in a raw pickle; read it with an allow-list of DCP metadata classes only."""
+        """DCP keeps its index in a raw pickle; unless trusted, read it with ckptstore._dcp_metadata only."""
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             if trusted:
                 md = super().read_metadata(*args, **kwargs)
-            else:
-                md = _safe_dcp_metadata(os.path.join(path, ".metadata"))
-                from torch.distributed.checkpoint.metadata import StorageMeta
-
-                if getattr(md, "storage_meta", None) is None:
-                    md.storage_meta = StorageMeta()
-                md.storage_meta.load_id = self.load_id
-            for info in (getattr(md, "storage_data", None) or {}).values():
-                rel = getattr(info, "relative_path", "")
-                if not isinstance(rel, str) or "/" in rel or "\\" in rel or rel in ("", ".", ".."):
-                    raise UnsafeCheckpointError(f"{path}/.metadata refers to data file {rel!r} outside the directory")
+                _dcp_metadata.check_storage_paths(md, meta_path)
+                return md
+            if "md" not in cache:
+                md = _dcp_metadata.read_metadata_file(meta_path)
+                _dcp_metadata.check_metadata(md, meta_path, path)
+                cache["md"] = md
+            md = cache["md"]
+            if md.storage_meta is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
             return md
 
     class Planner(_EmptyStateDictLoadPlanner):  # type: ignore[misc]
+        def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+            # _EmptyStateDictLoadPlanner's, with zeros instead of torch.empty: a tensor whose chunks do not cover
+            # it must not carry this process's stale memory into the saved step.
+            from torch.distributed.checkpoint._traverse import set_element
+
+            if state_dict or metadata is None:
+                raise ManifestError(f"{path}: internal planner misuse")
+            for k, v in metadata.state_dict_metadata.items():
+                if isinstance(v, TensorStorageMetadata):
+                    v = torch.zeros(v.size, dtype=v.properties.dtype)
+                if metadata.planner_data is not None and k in metadata.planner_data:
+                    set_element(state_dict, metadata.planner_data[k], v)
+                else:
+                    state_dict[k] = v
+            DefaultLoadPlanner.set_up_planner(self, state_dict, metadata, is_coordinator)
+
         def load_bytes(self, read_item: Any, value: _pyio.BytesIO) -> None:
             if trusted:
                 return super().load_bytes(read_item, value)
             try:
                 obj = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as e:
-                raise UnsafeCheckpointError(
+                raise needs_trust(
+                    UnsafeCheckpointError,
                     f"{path}: the value {read_item.dest_index.fqn!r} is a pickled Python object that "
-                    f"weights_only=True refuses ({str(e).strip().splitlines()[0][:160] if str(e).strip() else e}); "
-                    "pass trusted=True (--trusted) if you trust who wrote it"
+                    f"torch.load(weights_only=True) refuses ({_weights_only_reason(e)})",
+                ) from None
+            except Exception as e:  # damaged bytes: torch's unpickler raises what it meets
+                raise ManifestError(
+                    f"{path}: the value {read_item.dest_index.fqn!r} is not readable: {type(e).__name__}: {e}"
                 ) from None
             from torch.distributed.checkpoint._traverse import set_element
 
@@ -386,7 +447,12 @@ def _load_dcp(path: str, *, trusted: bool) -> Any:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     reader = SafeReader(path)
-    reader.read_metadata()  # typed errors for a hostile or broken index, before DCP wraps them
+    try:
+        reader.read_metadata()  # typed errors for a hostile or broken index, before DCP wraps them
+    except CheckpointError:
+        raise
+    except Exception as e:  # trusted: DCP's own unpickling of a damaged file
+        raise ManifestError(f"{meta_path} is not valid DCP metadata: {type(e).__name__}: {e}") from None
     state: dict[str, Any] = {}
     import warnings
 
@@ -405,53 +471,25 @@ def _load_dcp(path: str, *, trusted: bool) -> Any:
                     raise exc from None
             last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise ManifestError(f"{path} could not be read as a torch.distributed.checkpoint: {last}") from None
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-            raise ManifestError(f"{path} could not be read as a torch.distributed.checkpoint: {e}") from None
+        except CheckpointError:
+            raise
+        except Exception as e:  # a damaged checkpoint: whatever DCP's reader raised outside its own wrapping
+            raise ManifestError(
+                f"{path} could not be read as a torch.distributed.checkpoint: {type(e).__name__}: {e}"
+            ) from None
     return fix_optimizer_state_keys(state)
 
 
-_DCP_ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata"}
-_DCP_ALLOWED = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("pathlib", "Path"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-}
-
-
-class _DcpUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module in _DCP_ALLOWED_MODULES or (module, name) in _DCP_ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module == "torch" and name in ("strided", "sparse_coo", "contiguous_format", "channels_last",
-                                          "preserve_format", "channels_last_3d"):  # fmt: skip
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(
-            f"torch.distributed.checkpoint metadata wants {module}.{name}, which is not on the allow-list of DCP "
-            "metadata classes; pass trusted=True (--trusted) if you trust who wrote it"
-        )
-
-
-def _safe_dcp_metadata(path: str) -> Any:
-    size = os.path.getsize(path)
-    if size > (1 << 30):
-        raise ManifestError(f"{path}: {size} bytes is larger than allowed")
-    with open(path, "rb") as f:
-        try:
-            return _DcpUnpickler(f).load()
-        except UnsafeCheckpointError:
-            raise
-        except Exception as e:
-            raise ManifestError(f"{path} is not valid DCP metadata: {e}") from None
+def _weights_only_reason(e: BaseException) -> str:
+    """The line of torch's weights_only refusal that names what was refused (without its ANSI styling)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("WeightsUnpickler error:"):
+            line = line.removeprefix("WeightsUnpickler error:").strip()
+            return line.split(". ")[0][:200]
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first[:200]
 
 
 def fix_optimizer_state_keys(obj: Any) -> Any:
