@@ -154,18 +154,29 @@ def export_step(
     out = os.fspath(out)
     fmt = export_format(out)
     if os.path.exists(out) and not overwrite:
-        raise CheckpointExistsError(f"{out} already exists (pass overwrite=True / --force to replace it)")
+        raise _with_cli_message(
+            CheckpointExistsError(f"{out} already exists: pass overwrite=True to replace it"),
+            f"{out} already exists: pass --force to replace it",
+        )
     if step in ("latest", "best"):
         info = mgr.latest() if step == "latest" else mgr.best()
         if info is None:
             raise CheckpointNotFoundError(f"no committed step under {mgr.url}")
         step = info.step
     m: Manifest = mgr.manifest(int(step))
-    if m.has_pickles and fmt == "safetensors":
-        keys = [k for k, e in m.tensors.items() if e.encoding == "pickle"]
-        raise UnsupportedValueError(
-            f"step {m.step} holds pickled objects ({', '.join(keys[:5])}) that safetensors cannot store; "
-            "export to .pt with trusted=True, or select a subtree without them"
+    pickled = [k for k, e in m.tensors.items() if e.encoding == "pickle"]
+    if pickled and fmt == "safetensors":
+        raise needs_trust(
+            UnsupportedValueError,
+            f"step {m.step} holds pickled objects ({', '.join(pickled[:5])}) that safetensors cannot store",
+            "Export to .pt with {flag}, or select a subtree without them",
+        )
+    if pickled and not trusted:
+        raise needs_trust(
+            UnsafeCheckpointError,
+            f"step {m.step} contains pickled objects ({', '.join(pickled[:5])}); unpickling runs code from the "
+            "checkpoint",
+            "Pass {flag} only if you trust who wrote it, or select a subtree without them",
         )
     state = mgr.load(m.step, map_location="cpu", trusted=trusted)
     value = select(state, select_path)
@@ -294,6 +305,8 @@ def load_external(path: str | os.PathLike[str], *, trusted: bool = False) -> Ext
     return External(state, "torch", has_pickles=True)
 
 
+_MAX_INDEX_BYTES = 64 << 20
+
 _NOT_A_CHECKPOINT = (
     "expected a torch.save file (.pt/.pth), a .safetensors file, a *.safetensors.index.json or a "
     "torch.distributed.checkpoint directory"
@@ -301,7 +314,7 @@ _NOT_A_CHECKPOINT = (
 
 
 def _check_regular_file(path: str) -> None:
-    if not os.path.isfile(path):  # a FIFO, a device, a socket: reading one could block or never end
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO, a device, a socket: could block or never end
         raise ManifestError(f"{path} is not a regular file: {_NOT_A_CHECKPOINT}")
 
 
@@ -323,12 +336,15 @@ def _load_safetensors(path: str, *, index: bool) -> External:
     from safetensors import SafetensorError, safe_open
 
     files = [path]
+    _check_regular_file(path)
     if index:
         try:
+            if os.path.getsize(path) > _MAX_INDEX_BYTES:
+                raise ValueError(f"larger than {_MAX_INDEX_BYTES} bytes")
             with open(path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ManifestError(f"{path} is not a safetensors index (weight_map): {e}") from None
         base = os.path.dirname(path)
         files = []
@@ -336,6 +352,7 @@ def _load_safetensors(path: str, *, index: bool) -> External:
             if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", ".."):
                 raise UnsafeCheckpointError(f"{path} refers to {n!r}, not a file next to the index")
             files.append(os.path.join(base, n))
+            _check_regular_file(files[-1])
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
     for fpath in files:
@@ -353,8 +370,8 @@ def _load_safetensors(path: str, *, index: bool) -> External:
     if tree_s:
         try:
             tree = json.loads(tree_s)
-        except ValueError as e:
-            raise ManifestError(f"{path}: invalid {TREE_META_KEY} metadata: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise ManifestError(f"{path}: invalid {TREE_META_KEY} metadata: {type(e).__name__}: {e}") from None
 
         def get(key: str, node: dict[str, Any]) -> Any:
             if node.get("t") != "tensor":
@@ -363,13 +380,16 @@ def _load_safetensors(path: str, *, index: bool) -> External:
                 raise ManifestError(f"{path}: the {TREE_META_KEY} metadata refers to {key!r}, absent from the file")
             return tensors[key]
 
-        ext.state = unflatten(tree, get)
+        try:
+            ext.state = unflatten(tree, get)
+        except RecursionError:
+            raise ManifestError(f"{path}: the {TREE_META_KEY} metadata is nested too deeply") from None
         try:
             epoch = json.loads(meta.get("ckptstore.epoch", "null"))
             ext.epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
             metrics = decode_json(json.loads(meta.get("ckptstore.metrics", "{}")))
             ext.metrics = metrics if isinstance(metrics, dict) else {}
-        except ValueError:
+        except (ValueError, RecursionError, CheckpointError):
             log.warning("%s: ignoring unreadable ckptstore.epoch/metrics metadata", path)
     return ext
 
@@ -480,6 +500,12 @@ def _load_dcp(path: str, *, trusted: bool) -> Any:
     return fix_optimizer_state_keys(state)
 
 
+def _with_cli_message(err: CheckpointError, cli_message: str) -> CheckpointError:
+    """``err`` with the message the CLI prints instead of ``str(err)`` (its flags rather than Python parameters)."""
+    err.cli_message = cli_message  # type: ignore[attr-defined]
+    return err
+
+
 def _weights_only_reason(e: BaseException) -> str:
     """The line of torch's weights_only refusal that names what was refused (without its ANSI styling)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
@@ -542,14 +568,25 @@ def import_external(
     ext = load_external(path, trusted=trusted)
     state = ext.state if not under else {under: ext.state}
     meta = {"imported_from": os.path.abspath(path), "import_format": ext.format, **dict(metadata or {})}
-    return mgr.save(
-        step,
-        state,
-        epoch=epoch if epoch is not None else ext.epoch,
-        metrics=dict(metrics) if metrics is not None else ext.metrics,
-        metadata=meta,
-        allow_pickle=trusted,
-    )
+    try:
+        return mgr.save(
+            step,
+            state,
+            epoch=epoch if epoch is not None else ext.epoch,
+            metrics=dict(metrics) if metrics is not None else ext.metrics,
+            metadata=meta,
+            allow_pickle=trusted,
+        )
+    except UnsupportedValueError as e:
+        if trusted or "without pickle" not in str(e):
+            raise
+        what = str(e).split(". ")[0]  # "cannot store a builtins.set at 's' without pickle"
+        raise needs_trust(
+            UnsupportedValueError,
+            f"{path}: {what}",
+            "Re-save it with tensors and plain values only, or pass {flag} to store such values pickled if you "
+            "trust who wrote it (the step then loads only with trusted=True)",
+        ) from None
 
 
 # -- describing a step -------------------------------------------------------------------------------------------
