@@ -290,10 +290,17 @@ def load_external(path: str | os.PathLike[str], *, trusted: bool = False) -> Ext
         return External(state, "torch")
     except pickle.UnpicklingError as e:
         if not trusted:
+            reason = _weights_only_reason(e)
+            if not _wants_globals(reason):
+                raise needs_trust(
+                    ManifestError,
+                    f"{path} is damaged or not a torch.save file: torch.load(weights_only=True) cannot read it "
+                    f"({reason})",
+                    "If it is a torch.save file and you trust who wrote it, {flag} reads it with the full unpickler",
+                ) from None
             raise needs_trust(
                 UnsafeCheckpointError,
-                f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses "
-                f"({_weights_only_reason(e)})",
+                f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses ({reason})",
                 "Re-save it as a plain state_dict, or pass {flag} if you trust who wrote it",
             ) from None
     except Exception as e:  # damaged data: torch's readers raise whatever they meet (IndexError, KeyError, ...)
@@ -507,15 +514,20 @@ def _with_cli_message(err: CheckpointError, cli_message: str) -> CheckpointError
 
 
 def _weights_only_reason(e: BaseException) -> str:
-    """The line of torch's weights_only refusal that names what was refused (without its ANSI styling)."""
+    """The part of torch's weights_only refusal that names what was refused (without its ANSI styling)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("WeightsUnpickler error:"):
-            line = line.removeprefix("WeightsUnpickler error:").strip()
-            return line.split(". ")[0][:200]
+    at = text.find("WeightsUnpickler error:")
+    if at >= 0:
+        rest = [ln.strip() for ln in text[at + len("WeightsUnpickler error:") :].splitlines() if ln.strip()]
+        if rest:
+            return rest[0].split(". ")[0][:200]
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return first[:200]
+
+
+def _wants_globals(reason: str) -> bool:
+    """Whether a weights_only refusal is about a Python object (a global) rather than damaged pickle data."""
+    return "global" in reason.lower()
 
 
 def fix_optimizer_state_keys(obj: Any) -> Any:
