@@ -4,8 +4,8 @@ DCP keeps its index as a plain pickle. ``pickle.load`` on a hostile one runs any
 ``pickle.Unpickler.find_class``: protocol 4 resolves dotted names through the module it allows (for example
 ``torch.distributed.checkpoint.metadata`` + ``os.system``), ``REDUCE`` calls whatever callable reached the stack
 and ``BUILD`` sets attributes on whatever object is there, classes included. So this module does not use the
-unpickler at all: :func:`load_metadata` runs its own small pickle machine over :func:`pickletools.genops` (which
-only decodes opcodes and their arguments) and gives every operation that can run code an exact allow-list:
+unpickler at all: :func:`loads` runs its own small pickle machine (opcodes decoded as :mod:`pickletools`
+documents them) and gives every operation that can run code an exact allow-list:
 
 - ``GLOBAL``/``STACK_GLOBAL``: exact ``(module, name)`` pairs (no dotted names, nothing imported), resolving to
   the DCP metadata dataclasses, torch dtypes/layouts and a few data constructors;
@@ -13,7 +13,7 @@ only decodes opcodes and their arguments) and gives every operation that can run
 - ``REDUCE``: only the constructors below, each with its argument shape checked, and implemented here rather than
   called through (``torch.Size(ints)``, ``OrderedDict(pairs)``, ``set(items)``, paths from strings, the layout
   lookup ``torch.serialization._get_layout(name)``, the enum member lookups ``_MEM_FORMAT_ENCODING(value)`` and —
-  the form Python 3.11.0 to 3.11.4 (Debian 12's ``/usr/bin/python3``) write enum members in —
+  the form early Python 3.11 releases (Debian 12's 3.11.2 ``/usr/bin/python3``) write enum members in —
   ``builtins.getattr(_MEM_FORMAT_ENCODING, "MEMBER")``, answered from the enum's ``__members__`` only: ``getattr``
   is never called, so ``getattr(cls, "__init__")`` and attribute chains are refused);
 - ``BUILD``: only on instances of the DCP metadata dataclasses, with string attribute names that are not dunders
@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
-import io
 import math
 import os
 import pathlib
-import pickletools
+import pickle
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -91,7 +91,7 @@ class _Tables:
         if isinstance(info, type) and info.__module__ == _FS_MODULE:
             self.classes["_StorageInfo"] = info
             globals_[(_FS_MODULE, "_StorageInfo")] = info
-        self.instance_types = frozenset(self.classes.values())
+        self.instance_ids = {id(c): c for c in self.classes.values()}
         enum = getattr(md_mod, "_MEM_FORMAT_ENCODING", None)
         self.enums: tuple[Any, ...] = (enum,) if enum is not None else ()
         for e in self.enums:
@@ -237,129 +237,134 @@ def loads(data: bytes, *, where: str = "DCP metadata") -> Any:
         raise ManifestError(f"{where} is not a valid pickle: {type(e).__name__}: {_short(str(e))}") from None
 
 
+_REFUSED_OPS = {
+    ord("i"): "INST",
+    ord("o"): "OBJ",
+    0x92: "NEWOBJ_EX",
+    0x82: "EXT1",
+    0x83: "EXT2",
+    0x84: "EXT4",
+    ord("P"): "PERSID",
+    ord("Q"): "BINPERSID",
+    0x97: "NEXT_BUFFER",
+    0x98: "READONLY_BUFFER",
+    ord("S"): "STRING",
+    ord("T"): "BINSTRING",
+    ord("U"): "SHORT_BINSTRING",
+}
+_U4 = struct.Struct("<I")
+_I4 = struct.Struct("<i")
+_U8 = struct.Struct("<Q")
+_F8 = struct.Struct(">d")
+
+
 def _run(data: bytes, t: _Tables, where: str) -> Any:
+    """The pickle machine: pickle's own semantics for the opcodes DCP metadata uses, decoded here (the argument
+    formats of ``pickletools``), with the allow-list checks of the module docstring."""
     stack: list[Any] = []
     marks: list[int] = []
     memo: dict[int, Any] = {}
+    n = len(data)
+    pos = 0
+    proto = 0
+    floor = 0  # the stack below the innermost MARK is out of reach
+
+    def take(k: int) -> bytes:
+        nonlocal pos
+        if k < 0 or pos + k > n:
+            raise ManifestError(f"{where}: pickle data is truncated")
+        out = data[pos : pos + k]
+        pos += k
+        return out
+
+    def line() -> bytes:
+        nonlocal pos
+        end = data.find(b"\n", pos)
+        if end < 0:
+            raise ManifestError(f"{where}: pickle data is truncated")
+        out = data[pos:end]
+        pos = end + 1
+        return out
 
     def pop_mark() -> list[Any]:
+        nonlocal floor
         if not marks:
             raise ManifestError(f"{where}: pickle has no MARK where one is needed")
         at = marks.pop()
+        floor = marks[-1] if marks else 0
         items = stack[at:]
         del stack[at:]
         return items
 
-    def need(n: int) -> None:
-        if len(stack) - (marks[-1] if marks else 0) < n:
-            raise ManifestError(f"{where}: pickle stack underflow")
+    def underflow() -> ManifestError:
+        return ManifestError(f"{where}: pickle stack underflow")
 
     def container(kinds: tuple[type, ...], op: str) -> Any:
-        need(1)
+        if len(stack) <= floor:
+            raise underflow()
         obj = stack[-1]
         if type(obj) not in kinds:
             raise _Refused(f"{op} on a {type(obj).__name__}")
         return obj
 
-    proto = 0
-    for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
-        name = op.name
-        if name == "PROTO":
-            proto = arg
-            continue
-        if name == "FRAME":
-            continue
-        if name == "STOP":
-            if len(stack) != 1 or marks:
-                raise ManifestError(f"{where}: pickle stops with {len(stack)} values on its stack")
-            return stack[0]
-        if name in ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT",
-                    "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES",
-                    "BINBYTES8"):  # fmt: skip
-            stack.append(arg)
-        elif name == "BYTEARRAY8":
-            stack.append(bytearray(arg))
-        elif name == "NONE":
-            stack.append(None)
-        elif name in ("NEWTRUE", "NEWFALSE"):
-            stack.append(name == "NEWTRUE")
-        elif name == "EMPTY_LIST":
-            stack.append([])
-        elif name == "EMPTY_TUPLE":
-            stack.append(())
-        elif name == "EMPTY_DICT":
-            stack.append({})
-        elif name == "EMPTY_SET":
-            stack.append(set())
-        elif name == "MARK":
-            marks.append(len(stack))
-        elif name == "POP":
-            need(1)
-            stack.pop()
-        elif name == "POP_MARK":
-            pop_mark()
-        elif name == "DUP":
-            need(1)
-            stack.append(stack[-1])
-        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            need(1)
-            memo[arg] = stack[-1]
-        elif name == "MEMOIZE":
-            need(1)
+    while True:
+        if pos >= n:
+            raise ManifestError(f"{where}: pickle ends without STOP")
+        code = data[pos]
+        pos += 1
+        if code == 0x68:  # BINGET
+            i = take(1)[0]
+            if i not in memo:
+                raise ManifestError(f"{where}: pickle refers to memo entry {i}, never stored")
+            stack.append(memo[i])
+        elif code == 0x94:  # MEMOIZE
+            if len(stack) <= floor:
+                raise underflow()
             memo[len(memo)] = stack[-1]
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            if arg not in memo:
-                raise ManifestError(f"{where}: pickle refers to memo entry {arg}, never stored")
-            stack.append(memo[arg])
-        elif name == "TUPLE":
-            stack.append(tuple(pop_mark()))
-        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            n = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}[name]
-            need(n)
-            items = tuple(stack[-n:])
-            del stack[-n:]
+        elif code == 0x8C:  # SHORT_BINUNICODE
+            stack.append(take(take(1)[0]).decode("utf-8", "surrogatepass"))
+        elif code == 0x58:  # BINUNICODE
+            stack.append(take(_U4.unpack(take(4))[0]).decode("utf-8", "surrogatepass"))
+        elif code == 0x8D:  # BINUNICODE8
+            stack.append(take(_U8.unpack(take(8))[0]).decode("utf-8", "surrogatepass"))
+        elif code == 0x4B:  # BININT1
+            stack.append(take(1)[0])
+        elif code == 0x4D:  # BININT2
+            stack.append(int.from_bytes(take(2), "little"))
+        elif code == 0x4A:  # BININT
+            stack.append(_I4.unpack(take(4))[0])
+        elif code in (0x85, 0x86, 0x87):  # TUPLE1/2/3
+            k = code - 0x84
+            if len(stack) - floor < k:
+                raise underflow()
+            items = tuple(stack[-k:])
+            del stack[-k:]
             stack.append(items)
-        elif name == "LIST":
-            stack.append(pop_mark())
-        elif name == "DICT":
-            items = pop_mark()
-            if len(items) % 2:
-                raise ManifestError(f"{where}: odd number of items for a dict")
-            stack.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
-        elif name == "FROZENSET":
-            stack.append(frozenset(pop_mark()))
-        elif name == "APPEND":
-            need(2)
-            v = stack.pop()
-            container((list,), "APPEND").append(v)
-        elif name == "APPENDS":
-            items = pop_mark()
-            container((list,), "APPENDS").extend(items)
-        elif name == "SETITEM":
-            need(3)
-            v = stack.pop()
-            k = stack.pop()
-            container((dict, collections.OrderedDict), "SETITEM")[k] = v
-        elif name == "SETITEMS":
-            items = pop_mark()
-            if len(items) % 2:
-                raise ManifestError(f"{where}: odd number of items for SETITEMS")
-            d = container((dict, collections.OrderedDict), "SETITEMS")
-            for i in range(0, len(items), 2):
-                d[items[i]] = items[i + 1]
-        elif name == "ADDITEMS":
-            items = pop_mark()
-            container((set,), "ADDITEMS").update(items)
-        elif name in ("GLOBAL", "STACK_GLOBAL"):
-            if name == "GLOBAL":
-                module, _, attr = str(arg).partition(" ")
-            else:
-                need(2)
-                attr = stack.pop()
-                module = stack.pop()
-            stack.append(_global(t, module, attr, proto))
-        elif name == "REDUCE":
-            need(2)
+        elif code == 0x29:  # EMPTY_TUPLE
+            stack.append(())
+        elif code == 0x28:  # MARK
+            marks.append(len(stack))
+            floor = len(stack)
+        elif code == 0x74:  # TUPLE
+            stack.append(tuple(pop_mark()))
+        elif code == 0x81:  # NEWOBJ
+            if len(stack) - floor < 2:
+                raise underflow()
+            args = stack.pop()
+            cls = stack.pop()
+            if t.instance_ids.get(id(cls)) is not cls:
+                raise _Refused(f"it creates {_describe(cls)}, which is not a DCP metadata class")
+            if args != ():
+                raise _Refused(f"it creates {cls.__qualname__} with arguments {_short(args)}")
+            stack.append(cls.__new__(cls))
+        elif code == 0x62:  # BUILD
+            if len(stack) - floor < 2:
+                raise underflow()
+            state = stack.pop()
+            _build(t, stack[-1], state)
+        elif code == 0x52:  # REDUCE
+            if len(stack) - floor < 2:
+                raise underflow()
             args = stack.pop()
             func = stack.pop()
             entry = t.reducers.get(id(func))
@@ -368,23 +373,124 @@ def _run(data: bytes, t: _Tables, where: str) -> Any:
             if type(args) is not tuple:
                 raise ManifestError(f"{where}: REDUCE arguments are a {type(args).__name__}, not a tuple")
             stack.append(entry[1](args))
-        elif name == "NEWOBJ":
-            need(2)
-            args = stack.pop()
-            cls = stack.pop()
-            if not any(cls is c for c in t.instance_types):
-                raise _Refused(f"it creates {_describe(cls)}, which is not a DCP metadata class")
-            if args != ():
-                raise _Refused(f"it creates {cls.__qualname__} with arguments {_short(args)}")
-            stack.append(cls.__new__(cls))
-        elif name == "BUILD":
-            need(2)
-            state = stack.pop()
-            _build(t, stack[-1], state)
+        elif code == 0x93 or code == 0x63:  # STACK_GLOBAL, GLOBAL
+            if code == 0x63:
+                module, attr = line().decode("utf-8"), line().decode("utf-8")
+            else:
+                if len(stack) - floor < 2:
+                    raise underflow()
+                attr = stack.pop()
+                module = stack.pop()
+            stack.append(_global(t, module, attr, proto))
+        elif code == 0x7D:  # EMPTY_DICT
+            stack.append({})
+        elif code == 0x5D:  # EMPTY_LIST
+            stack.append([])
+        elif code == 0x75:  # SETITEMS
+            items = pop_mark()
+            if len(items) % 2:
+                raise ManifestError(f"{where}: odd number of items for SETITEMS")
+            d = container((dict, collections.OrderedDict), "SETITEMS")
+            for i in range(0, len(items), 2):
+                d[items[i]] = items[i + 1]
+        elif code == 0x73:  # SETITEM
+            if len(stack) - floor < 3:
+                raise underflow()
+            v = stack.pop()
+            k = stack.pop()
+            container((dict, collections.OrderedDict), "SETITEM")[k] = v
+        elif code == 0x61:  # APPEND
+            if len(stack) - floor < 2:
+                raise underflow()
+            v = stack.pop()
+            container((list,), "APPEND").append(v)
+        elif code == 0x65:  # APPENDS
+            items = pop_mark()
+            container((list,), "APPENDS").extend(items)
+        elif code == 0x4E:  # NONE
+            stack.append(None)
+        elif code == 0x88 or code == 0x89:  # NEWTRUE, NEWFALSE
+            stack.append(code == 0x88)
+        elif code == 0x71:  # BINPUT
+            if len(stack) <= floor:
+                raise underflow()
+            memo[take(1)[0]] = stack[-1]
+        elif code == 0x72:  # LONG_BINPUT
+            if len(stack) <= floor:
+                raise underflow()
+            memo[_U4.unpack(take(4))[0]] = stack[-1]
+        elif code == 0x70:  # PUT
+            if len(stack) <= floor:
+                raise underflow()
+            memo[int(line())] = stack[-1]
+        elif code == 0x6A or code == 0x67:  # LONG_BINGET, GET
+            i = _U4.unpack(take(4))[0] if code == 0x6A else int(line())
+            if i not in memo:
+                raise ManifestError(f"{where}: pickle refers to memo entry {i}, never stored")
+            stack.append(memo[i])
+        elif code == 0x95:  # FRAME: a length hint only
+            take(8)
+        elif code == 0x80:  # PROTO
+            proto = take(1)[0]
+            if proto > pickle.HIGHEST_PROTOCOL:
+                raise ManifestError(f"{where}: unsupported pickle protocol {proto}")
+        elif code == 0x2E:  # STOP
+            if len(stack) != 1 or marks:
+                raise ManifestError(f"{where}: pickle stops with {len(stack)} values on its stack")
+            return stack[0]
+        elif code == 0x49:  # INT (protocol 0): "00"/"01" are the booleans
+            text = line()
+            stack.append(False if text == b"00" else True if text == b"01" else int(text, 0))
+        elif code == 0x4C:  # LONG (protocol 0)
+            stack.append(int(line().rstrip(b"L"), 0))
+        elif code == 0x8A:  # LONG1
+            stack.append(int.from_bytes(take(take(1)[0]), "little", signed=True))
+        elif code == 0x8B:  # LONG4
+            stack.append(int.from_bytes(take(_I4.unpack(take(4))[0]), "little", signed=True))
+        elif code == 0x46:  # FLOAT
+            stack.append(float(line()))
+        elif code == 0x47:  # BINFLOAT
+            stack.append(_F8.unpack(take(8))[0])
+        elif code == 0x56:  # UNICODE (protocol 0)
+            stack.append(line().decode("raw-unicode-escape"))
+        elif code == 0x43:  # SHORT_BINBYTES
+            stack.append(take(take(1)[0]))
+        elif code == 0x42:  # BINBYTES
+            stack.append(take(_U4.unpack(take(4))[0]))
+        elif code == 0x8E or code == 0x96:  # BINBYTES8, BYTEARRAY8
+            b = take(_U8.unpack(take(8))[0])
+            stack.append(b if code == 0x8E else bytearray(b))
+        elif code == 0x8F:  # EMPTY_SET
+            stack.append(set())
+        elif code == 0x90:  # ADDITEMS
+            items = pop_mark()
+            container((set,), "ADDITEMS").update(items)
+        elif code == 0x91:  # FROZENSET
+            stack.append(frozenset(pop_mark()))
+        elif code == 0x6C:  # LIST
+            stack.append(pop_mark())
+        elif code == 0x64:  # DICT
+            items = pop_mark()
+            if len(items) % 2:
+                raise ManifestError(f"{where}: odd number of items for a dict")
+            stack.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+        elif code == 0x30:  # POP
+            if len(stack) <= floor:
+                if marks and len(stack) == floor:  # POP of a MARK
+                    pop_mark()
+                    continue
+                raise underflow()
+            stack.pop()
+        elif code == 0x31:  # POP_MARK
+            pop_mark()
+        elif code == 0x32:  # DUP
+            if len(stack) <= floor:
+                raise underflow()
+            stack.append(stack[-1])
+        elif code in _REFUSED_OPS:
+            raise _Refused(f"it uses the pickle opcode {_REFUSED_OPS[code]}, which DCP metadata does not need")
         else:
-            # INST, OBJ, NEWOBJ_EX, EXT1/2/4, PERSID, BINPERSID, NEXT_BUFFER, READONLY_BUFFER, STRING & co.
-            raise _Refused(f"it uses the pickle opcode {name}, which DCP metadata does not need")
-    raise ManifestError(f"{where}: pickle ends without STOP")
+            raise ManifestError(f"{where}: invalid pickle opcode {code:#04x} at byte {pos - 1}")
 
 
 def _describe(obj: Any) -> str:
@@ -412,7 +518,7 @@ def _global(t: _Tables, module: Any, attr: Any, proto: int) -> Any:
 
 def _build(t: _Tables, inst: Any, state: Any) -> None:
     cls = type(inst)
-    if not any(cls is c for c in t.instance_types):
+    if t.instance_ids.get(id(cls)) is not cls:
         raise _Refused(f"it sets the state of {_describe(inst)}, which is not a DCP metadata object")
     setstate = cls.__dict__.get("__setstate__")
     if setstate is not None:  # TensorProperties: DCP's own, given plain data

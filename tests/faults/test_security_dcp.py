@@ -6,7 +6,7 @@ REDUCE of the metadata module's own imports, getattr beyond enum members) raise 
 sentinel file is never created and no module is patched. A damaged index (list indices that would allocate
 without bound, tensors whose size the data files cannot back, data files outside the directory) is a
 ``ManifestError``/``UnsafeCheckpointError`` before any allocation. A real DCP checkpoint still imports, also in
-the form Python 3.11.0-3.11.4 (Debian 12's ``/usr/bin/python3``) pickles enum members:
+the form early Python 3.11 releases (Debian 12's 3.11.2 ``/usr/bin/python3``) pickles enum members:
 ``builtins.getattr(_MEM_FORMAT_ENCODING, "TORCH_CONTIGUOUS_FORMAT")``.
 """
 
@@ -95,7 +95,7 @@ def test_getattr_beyond_enum_members_is_refused(dcp_dir: Path, attr: str) -> Non
 
 
 def test_enum_members_pickled_by_getattr_import(dcp_dir: Path, tmp_path: Path) -> None:
-    """The form of Python 3.11.0-3.11.4 (Debian 12's /usr/bin/python3): same state as the original."""
+    """The form of early Python 3.11 releases (Debian 12's 3.11.2): same state as the original."""
     want = load_external(dcp_dir).state
     md = pickle.loads((dcp_dir / ".metadata").read_bytes())  # our own file: trusted here
     data = dump_enum_by_getattr(md)

@@ -1,10 +1,11 @@
 """ckptstore._dcp_metadata: the allow-listed pickle machine that reads DCP ``.metadata`` without running code.
 
 Legitimate indexes (as torch DCP writes them on this Python, in every pickle protocol, and in the enum-by-getattr
-form of Python 3.11.0-3.11.4) load to the same Metadata as ``pickle.loads``; every way a pickle can reach code —
-dotted names, REDUCE/NEWOBJ/BUILD of things outside the allow-list, getattr beyond enum members, INST/OBJ/EXT,
-container opcodes on foreign objects — is an ``UnsafeCheckpointError`` and nothing runs (sentinel files, module
-and class attributes are checked untouched); damaged pickles are ``ManifestError``.
+form of early Python 3.11 releases such as Debian 12's 3.11.2) load to the same Metadata as ``pickle.loads``.
+Every way a pickle can reach code — dotted names, REDUCE/NEWOBJ/BUILD of things outside the allow-list, getattr
+beyond enum members, INST/OBJ/EXT, container opcodes on foreign objects — is an ``UnsafeCheckpointError`` and
+nothing runs (sentinel files, module and class attributes are checked untouched); damaged pickles are
+``ManifestError``.
 """
 
 from __future__ import annotations
