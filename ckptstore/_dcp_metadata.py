@@ -633,12 +633,17 @@ def check_metadata(md: Any, where: str, directory: str) -> None:
             transformed = transformed or bool(td)
         files.add(info.relative_path)
     on_disk = 0
+    real_dir = os.path.realpath(directory)
     for rel in files:
         p = os.path.join(directory, rel)
-        try:
-            on_disk += os.path.getsize(p)
-        except OSError:
-            raise bad(f"its data file {rel!r} is missing") from None
+        if not os.path.lexists(p):
+            raise bad(f"its data file {rel!r} is missing")
+        real = os.path.realpath(p)
+        if os.path.dirname(real) != real_dir:  # a symlink to a file elsewhere (a private key, /dev/zero, ...)
+            raise UnsafeCheckpointError(f"{where}: its data file {rel!r} is a link to {real}, outside {directory}")
+        if not os.path.isfile(real):  # a FIFO would block the reader forever
+            raise bad(f"its data file {rel!r} is not a regular file")
+        on_disk += os.path.getsize(real)
     limit = on_disk * (256 if transformed else 1) + (1 << 20)
     if claimed > limit:
         raise bad(

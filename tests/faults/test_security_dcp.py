@@ -144,6 +144,29 @@ def test_storage_entries_are_checked(dcp_dir: Path) -> None:
         load_external(dcp_dir)
 
 
+def _data_files(dcp_dir: Path) -> list[Path]:
+    return sorted(dcp_dir.glob("*.distcp"))
+
+
+def test_data_files_must_be_regular_files_inside_the_directory(dcp_dir: Path, tmp_path: Path) -> None:
+    data = _data_files(dcp_dir)[0]
+    private = tmp_path / "id_rsa"
+    private.write_bytes(data.read_bytes())  # readable as DCP data, but not the directory's own file
+    data.unlink()
+    data.symlink_to(private)
+    with pytest.raises(UnsafeCheckpointError, match="outside"):
+        load_external(dcp_dir)
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_as_data_file_does_not_hang(dcp_dir: Path) -> None:
+    data = _data_files(dcp_dir)[0]
+    data.unlink()
+    os.mkfifo(data)  # no writer ever comes: opening it for reading would block
+    with pytest.raises(ManifestError, match="not a regular file"):
+        load_external(dcp_dir)
+
+
 CLI_IMPORT = """
 import sys
 from ckptstore.cli import main
