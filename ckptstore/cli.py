@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -95,13 +96,15 @@ class Ui:
             self._console = Console(force_terminal=force or None, highlight=False, soft_wrap=True)
 
     def out(self, text: str = "") -> None:
-        print(text, flush=True)
+        print(_printable(text), flush=True)
 
     def err(self, text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+        print(_printable(text), file=sys.stderr, flush=True)
 
     def json(self, obj: Any) -> None:
-        print(json.dumps(obj, indent=2, allow_nan=False, ensure_ascii=False), flush=True)
+        # json escapes C0 controls itself; DEL and C1 controls (e.g. \x9b, a one-byte CSI) as \u escapes too.
+        text = json.dumps(obj, indent=2, allow_nan=False, ensure_ascii=False)
+        print(_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text), flush=True)
 
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: Sequence[int] = ()) -> None:
         if self.rich:
@@ -195,8 +198,17 @@ def _jsonable(v: Any) -> Any:
     return to_json_value(v)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (other than tab and newline) shown as ``\\xNN``: names and messages read
+    from a checkpoint cannot drive the terminal (ANSI escapes, title changes, cursor moves)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _one_line(msg: str) -> str:
-    return " ".join(str(msg).split())
+    return _printable(" ".join(str(msg).split()))
 
 
 # -- argument helpers ---------------------------------------------------------------------------------------------
@@ -237,6 +249,33 @@ def _manager(url: str, opts: dict[str, Any]) -> Any:
     from .manager import CheckpointManager
 
     return CheckpointManager(url, storage_options=opts)
+
+
+_BUCKET_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
+
+
+def _url(text: str) -> str:
+    """A checkpoint root argument: not empty (which would mean the current directory), a bucket where the scheme
+    needs one."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "empty URL: give a checkpoint root, e.g. ./checkpoints or s3://bucket/prefix (use . for the current "
+            "directory)"
+        )
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} contains a NUL byte")
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme.lower() in _BUCKET_SCHEMES and not rest.split("/", 1)[0]:
+        raise argparse.ArgumentTypeError(f"{text!r} names no bucket: write {scheme}://BUCKET/PREFIX")
+    return text
+
+
+def _input_path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty input path: give a .pt/.pth/.safetensors file or a DCP directory")
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} contains a NUL byte")
+    return text
 
 
 def _step_spec(text: str) -> int | str:
@@ -438,7 +477,7 @@ def cmd_show(args: argparse.Namespace, ui: Ui) -> int:
     for k, v in fields:
         ui.out(f"{k + ':':<12}{v}")
     if m.has_pickles:
-        ui.out(f"{'warning:':<12}contains pickled objects: load only with trusted=True")
+        ui.out(f"{'warning:':<12}contains pickled objects: export only with --trusted (trusted=True in Python)")
     for sec in sections:
         ui.out()
         if sec.name is None and len(sections) > 1:
@@ -737,7 +776,7 @@ def cmd_diff(args: argparse.Namespace, ui: Ui) -> int:
 
     opts = _global_options(args)
     mgr_a = _manager(args.url, opts)
-    mgr_b = _manager(args.b_url, opts) if args.b_url else mgr_a
+    mgr_b = _manager(args.b_url, opts) if args.b_url is not None else mgr_a
     a = _resolve_step(mgr_a, args.a)
     b = _resolve_step(mgr_b, args.b)
     ma, mb = mgr_a.manifest(a), mgr_b.manifest(b)
@@ -984,24 +1023,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     url_help = "checkpoint root: a path, file://, s3://bucket/prefix or any fsspec URL"
     p = sub("ls", cmd_ls)
-    p.add_argument("url", metavar="URL", help=url_help)
+    p.add_argument("url", metavar="URL", type=_url, help=url_help)
     p.add_argument("--json", action="store_true", help="print a JSON list (step, epoch, metrics, nbytes, ...)")
 
     p = sub("show", cmd_show)
-    p.add_argument("url", metavar="URL", help=url_help)
+    p.add_argument("url", metavar="URL", type=_url, help=url_help)
     p.add_argument("step", metavar="STEP", type=_step_spec, help="step number, 'latest' or 'best'")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--full", action="store_true", help="do not shorten long values")
 
     p = sub("verify", cmd_verify)
-    p.add_argument("url", metavar="URL", help=url_help)
+    p.add_argument("url", metavar="URL", type=_url, help=url_help)
     p.add_argument("steps", metavar="STEP", nargs="*", type=_step_spec, help="steps to verify (default: all)")
     p.add_argument("--json", action="store_true", help="print a JSON report")
 
     for name, func in (("cp", cmd_cp), ("sync", cmd_sync)):
         p = sub(name, func)
-        p.add_argument("src", metavar="SRC", help="source root URL")
-        p.add_argument("dst", metavar="DST", help="destination root URL")
+        p.add_argument("src", metavar="SRC", type=_url, help="source root URL")
+        p.add_argument("dst", metavar="DST", type=_url, help="destination root URL")
         p.add_argument("--src-storage-options", metavar="JSON", help="storage options for SRC only")
         p.add_argument("--dst-storage-options", metavar="JSON", help="storage options for DST only")
         p.add_argument("--no-verify", action="store_true", help="do not check piece checksums while copying")
@@ -1016,7 +1055,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="seconds between polls with --watch (default 30)")  # fmt: skip
 
     p = sub("export", cmd_export)
-    p.add_argument("url", metavar="URL", help=url_help)
+    p.add_argument("url", metavar="URL", type=_url, help=url_help)
     p.add_argument("step", metavar="STEP", type=_step_spec, help="step number, 'latest' or 'best'")
     p.add_argument("out", metavar="OUT", help="output file: *.pt / *.pth (torch.save) or *.safetensors")
     p.add_argument("--select", metavar="PATH", help="export only this subtree, e.g. 'model' (a plain state_dict)")
@@ -1025,8 +1064,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub("import", cmd_import)
-    p.add_argument("input", metavar="IN", help="a .pt/.pth file, a .safetensors file or a DCP directory")
-    p.add_argument("url", metavar="URL", help=url_help)
+    p.add_argument("input", metavar="IN", type=_input_path,
+                   help="a .pt/.pth file, a .safetensors file or a DCP directory")  # fmt: skip
+    p.add_argument("url", metavar="URL", type=_url, help=url_help)
     p.add_argument("--step", type=_nonneg_int, required=True, metavar="N", help="step number to save as")
     p.add_argument("--epoch", type=_nonneg_int, metavar="E", help="epoch to record")
     p.add_argument("--metric", type=_kv, action="append", metavar="K=V", help="metric to record (repeatable)")
@@ -1037,16 +1077,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub("diff", cmd_diff)
-    p.add_argument("url", metavar="URL", help=url_help)
+    p.add_argument("url", metavar="URL", type=_url, help=url_help)
     p.add_argument("a", metavar="A", type=_step_spec, help="first step")
     p.add_argument("b", metavar="B", type=_step_spec, help="second step")
-    p.add_argument("--b-url", metavar="URL", help="read B from this root instead of URL")
+    p.add_argument("--b-url", metavar="URL", type=_url, help="read B from this root instead of URL")
     p.add_argument("--exit-code", action="store_true", help="exit 1 when the steps differ")
     p.add_argument("--all", action="store_true", help="also list identical tensors")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub("prune", cmd_prune)
-    p.add_argument("url", metavar="URL", help=url_help)
+    p.add_argument("url", metavar="URL", type=_url, help=url_help)
     p.add_argument("--keep-last", type=_positive_int, metavar="N", help="keep the N newest steps")
     p.add_argument("--keep-best", type=_positive_int, metavar="K", help="keep the K best steps by --metric")
     p.add_argument("--metric", default="loss", help="metric for --keep-best (default: loss)")
@@ -1059,14 +1099,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub("gc", cmd_gc)
-    p.add_argument("url", metavar="URL", help=url_help)
+    p.add_argument("url", metavar="URL", type=_url, help=url_help)
     p.add_argument("--min-age", type=_seconds, default=600.0, metavar="SECONDS",
                    help="only touch files older than this (default 600): a running save is left alone")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")
 
     for name in ("pin", "unpin"):
         p = sub(name, cmd_pin)
-        p.add_argument("url", metavar="URL", help=url_help)
+        p.add_argument("url", metavar="URL", type=_url, help=url_help)
         p.add_argument("step", metavar="STEP", type=_step_spec, help="step number, 'latest' or 'best'")
     return parser
 
@@ -1111,6 +1151,42 @@ def _label(e: BaseException) -> str:
     return "error"
 
 
+_NO_CREDENTIALS = (
+    "no S3 credentials found{where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass "
+    '"key" and "secret" in --storage-options'
+)
+
+
+def _translate(e: Exception) -> Exception:
+    """Errors of the S3 client libraries that reach the CLI untranslated, as ckptstore's typed errors (the storage
+    layer translates what it knows; this is the CLI's last line, so that nothing prints as an internal error)."""
+    from .errors import StorageError
+
+    mod = type(e).__module__ or ""
+    if not mod.startswith(("botocore", "aiobotocore", "s3fs", "boto3")):
+        return e
+    name = type(e).__name__
+    detail = _one_line(str(e))
+    if name in ("NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError", "CredentialRetrievalError"):
+        out: Exception = StorageError(_NO_CREDENTIALS.format(where=f" ({detail})" if detail else ""))
+    elif name == "ClientError":
+        resp = getattr(e, "response", None)
+        err = resp.get("Error") if isinstance(resp, dict) else None
+        code = str(err.get("Code", "")) if isinstance(err, dict) else ""
+        if code in ("NoSuchBucket", "NoSuchKey", "404"):
+            out = CheckpointNotFoundError(f"{detail}: check the bucket and prefix of the URL")
+        elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken"):
+            out = StorageError(f"S3 refused access ({code}): {detail}; check the credentials and the bucket policy")
+        else:
+            out = StorageError(f"S3 error: {detail}")
+    else:
+        out = StorageError(
+            f"S3 client error ({name}): {detail}; check the URL, --storage-options (endpoint_url, region) and network"
+        )
+    out.__cause__ = e
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script passes it to ``sys.exit``).
 
@@ -1140,10 +1216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, sys.stdout.fileno())
             return EXIT_OK
-        except Exception as e:
+        except Exception as raised:
+            e = _translate(raised)
             code = _error_code(e)
             if isinstance(e, CheckpointError | OSError | UsageError):
-                ui.err(f"{prog}: {_label(e)}: {_one_line(str(e)) or type(e).__name__}")
+                text = getattr(e, "cli_message", None) or str(e)  # the CLI's flags instead of Python parameters
+                ui.err(f"{prog}: {_label(e)}: {_one_line(text) or type(e).__name__}")
             else:
                 ui.err(
                     f"{prog}: internal error: {type(e).__name__}: {_one_line(str(e))}"

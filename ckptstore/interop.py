@@ -27,12 +27,14 @@ import logging
 import math
 import os
 import pickle
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ._dcp_metadata import needs_trust
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -152,18 +154,29 @@ def export_step(
     out = os.fspath(out)
     fmt = export_format(out)
     if os.path.exists(out) and not overwrite:
-        raise CheckpointExistsError(f"{out} already exists (pass overwrite=True / --force to replace it)")
+        raise _with_cli_message(
+            CheckpointExistsError(f"{out} already exists: pass overwrite=True to replace it"),
+            f"{out} already exists: pass --force to replace it",
+        )
     if step in ("latest", "best"):
         info = mgr.latest() if step == "latest" else mgr.best()
         if info is None:
             raise CheckpointNotFoundError(f"no committed step under {mgr.url}")
         step = info.step
     m: Manifest = mgr.manifest(int(step))
-    if m.has_pickles and fmt == "safetensors":
-        keys = [k for k, e in m.tensors.items() if e.encoding == "pickle"]
-        raise UnsupportedValueError(
-            f"step {m.step} holds pickled objects ({', '.join(keys[:5])}) that safetensors cannot store; "
-            "export to .pt with trusted=True, or select a subtree without them"
+    pickled = [k for k, e in m.tensors.items() if e.encoding == "pickle"]
+    if pickled and fmt == "safetensors":
+        raise needs_trust(
+            UnsupportedValueError,
+            f"step {m.step} holds pickled objects ({', '.join(pickled[:5])}) that safetensors cannot store",
+            "Export to .pt with {flag}, or select a subtree without them",
+        )
+    if pickled and not trusted:
+        raise needs_trust(
+            UnsafeCheckpointError,
+            f"step {m.step} contains pickled objects ({', '.join(pickled[:5])}); unpickling runs code from the "
+            "checkpoint",
+            "Pass {flag} only if you trust who wrote it, or select a subtree without them",
         )
     state = mgr.load(m.step, map_location="cpu", trusted=trusted)
     value = select(state, select_path)
@@ -240,7 +253,9 @@ def detect_format(path: str) -> str:
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, ".metadata")):
             return "dcp"
-        raise UnsupportedValueError(f"{path} is a directory without .metadata: not a torch.distributed.checkpoint")
+        raise ManifestError(
+            f"{path} is a directory without .metadata, so not a torch.distributed.checkpoint: {_NOT_A_CHECKPOINT}"
+        )
     low = path.lower()
     if low.endswith(".safetensors"):
         return "safetensors"
@@ -269,32 +284,74 @@ def load_external(path: str | os.PathLike[str], *, trusted: bool = False) -> Ext
         return External(_load_dcp(path, trusted=trusted), "dcp", has_pickles=False)
     if fmt in ("safetensors", "safetensors-index"):
         return _load_safetensors(path, index=fmt == "safetensors-index")
+    _check_torch_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return External(state, "torch")
     except pickle.UnpicklingError as e:
         if not trusted:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UnsafeCheckpointError(
-                f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses ({first[:200]}). "
-                "Re-save it as a state_dict, or pass trusted=True (--trusted) if you trust who wrote it"
+            reason = _weights_only_reason(e)
+            if not _wants_globals(reason):
+                raise needs_trust(
+                    ManifestError,
+                    f"{path} is damaged or not a torch.save file: torch.load(weights_only=True) cannot read it "
+                    f"({reason})",
+                    "If it is a torch.save file and you trust who wrote it, {flag} reads it with the full unpickler",
+                ) from None
+            raise needs_trust(
+                UnsafeCheckpointError,
+                f"{path} holds pickled Python objects that torch.load(weights_only=True) refuses ({reason})",
+                "Re-save it as a plain state_dict, or pass {flag} if you trust who wrote it",
             ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ManifestError(f"{path} is not a file torch.load can read: {e}") from None
-    state = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the caller
+    except Exception as e:  # damaged data: torch's readers raise whatever they meet (IndexError, KeyError, ...)
+        raise ManifestError(f"{path} is not a file torch.load can read: {type(e).__name__}: {e}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the caller
+    except Exception as e:
+        raise ManifestError(f"{path} is not a file torch.load can read: {type(e).__name__}: {e}") from None
     return External(state, "torch", has_pickles=True)
+
+
+_MAX_INDEX_BYTES = 64 << 20
+
+_NOT_A_CHECKPOINT = (
+    "expected a torch.save file (.pt/.pth), a .safetensors file, a *.safetensors.index.json or a "
+    "torch.distributed.checkpoint directory"
+)
+
+
+def _check_regular_file(path: str) -> None:
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO, a device, a socket: could block or never end
+        raise ManifestError(f"{path} is not a regular file: {_NOT_A_CHECKPOINT}")
+
+
+def _check_torch_file(path: str) -> None:
+    """A torch.save file is a zip archive (torch >= 1.6) or a pickle (the legacy format): refuse anything else
+    before torch's readers see it."""
+    _check_regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ManifestError(f"cannot read {path}: {e.strerror or e}") from None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ManifestError(f"{path} is not a checkpoint ({'an empty file' if not head else 'unknown content'}): "
+                            f"{_NOT_A_CHECKPOINT}")  # fmt: skip
 
 
 def _load_safetensors(path: str, *, index: bool) -> External:
     from safetensors import SafetensorError, safe_open
 
     files = [path]
+    _check_regular_file(path)
     if index:
         try:
+            if os.path.getsize(path) > _MAX_INDEX_BYTES:
+                raise ValueError(f"larger than {_MAX_INDEX_BYTES} bytes")
             with open(path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ManifestError(f"{path} is not a safetensors index (weight_map): {e}") from None
         base = os.path.dirname(path)
         files = []
@@ -302,6 +359,7 @@ def _load_safetensors(path: str, *, index: bool) -> External:
             if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", ".."):
                 raise UnsafeCheckpointError(f"{path} refers to {n!r}, not a file next to the index")
             files.append(os.path.join(base, n))
+            _check_regular_file(files[-1])
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
     for fpath in files:
@@ -319,8 +377,8 @@ def _load_safetensors(path: str, *, index: bool) -> External:
     if tree_s:
         try:
             tree = json.loads(tree_s)
-        except ValueError as e:
-            raise ManifestError(f"{path}: invalid {TREE_META_KEY} metadata: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise ManifestError(f"{path}: invalid {TREE_META_KEY} metadata: {type(e).__name__}: {e}") from None
 
         def get(key: str, node: dict[str, Any]) -> Any:
             if node.get("t") != "tensor":
@@ -329,51 +387,81 @@ def _load_safetensors(path: str, *, index: bool) -> External:
                 raise ManifestError(f"{path}: the {TREE_META_KEY} metadata refers to {key!r}, absent from the file")
             return tensors[key]
 
-        ext.state = unflatten(tree, get)
+        try:
+            ext.state = unflatten(tree, get)
+        except RecursionError:
+            raise ManifestError(f"{path}: the {TREE_META_KEY} metadata is nested too deeply") from None
         try:
             epoch = json.loads(meta.get("ckptstore.epoch", "null"))
             ext.epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
             metrics = decode_json(json.loads(meta.get("ckptstore.metrics", "{}")))
             ext.metrics = metrics if isinstance(metrics, dict) else {}
-        except ValueError:
+        except (ValueError, RecursionError, CheckpointError):
             log.warning("%s: ignoring unreadable ckptstore.epoch/metrics metadata", path)
     return ext
 
 
 def _load_dcp(path: str, *, trusted: bool) -> Any:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+
+    from . import _dcp_metadata
+
+    meta_path = os.path.join(path, ".metadata")
+    if not os.path.isfile(meta_path):
+        raise ManifestError(f"{meta_path} is not a regular file: not a torch.distributed.checkpoint")
+    cache: dict[str, Any] = {}
 
     class SafeReader(dcp.FileSystemReader):  # type: ignore[misc]
-        """DCP keeps its index in a raw pickle; read it with an allow-list of DCP metadata classes only."""
+        """DCP keeps its index in a raw pickle; unless trusted, read it with ckptstore._dcp_metadata only."""
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             if trusted:
                 md = super().read_metadata(*args, **kwargs)
-            else:
-                md = _safe_dcp_metadata(os.path.join(path, ".metadata"))
-                from torch.distributed.checkpoint.metadata import StorageMeta
-
-                if getattr(md, "storage_meta", None) is None:
-                    md.storage_meta = StorageMeta()
-                md.storage_meta.load_id = self.load_id
-            for info in (getattr(md, "storage_data", None) or {}).values():
-                rel = getattr(info, "relative_path", "")
-                if not isinstance(rel, str) or "/" in rel or "\\" in rel or rel in ("", ".", ".."):
-                    raise UnsafeCheckpointError(f"{path}/.metadata refers to data file {rel!r} outside the directory")
+                _dcp_metadata.check_storage_paths(md, meta_path)
+                return md
+            if "md" not in cache:
+                md = _dcp_metadata.read_metadata_file(meta_path)
+                _dcp_metadata.check_metadata(md, meta_path, path)
+                cache["md"] = md
+            md = cache["md"]
+            if md.storage_meta is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
             return md
 
     class Planner(_EmptyStateDictLoadPlanner):  # type: ignore[misc]
+        def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+            # _EmptyStateDictLoadPlanner's, with zeros instead of torch.empty: a tensor whose chunks do not cover
+            # it must not carry this process's stale memory into the saved step.
+            from torch.distributed.checkpoint._traverse import set_element
+
+            if state_dict or metadata is None:
+                raise ManifestError(f"{path}: internal planner misuse")
+            for k, v in metadata.state_dict_metadata.items():
+                if isinstance(v, TensorStorageMetadata):
+                    v = torch.zeros(v.size, dtype=v.properties.dtype)
+                if metadata.planner_data is not None and k in metadata.planner_data:
+                    set_element(state_dict, metadata.planner_data[k], v)
+                else:
+                    state_dict[k] = v
+            DefaultLoadPlanner.set_up_planner(self, state_dict, metadata, is_coordinator)
+
         def load_bytes(self, read_item: Any, value: _pyio.BytesIO) -> None:
             if trusted:
                 return super().load_bytes(read_item, value)
             try:
                 obj = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as e:
-                raise UnsafeCheckpointError(
+                raise needs_trust(
+                    UnsafeCheckpointError,
                     f"{path}: the value {read_item.dest_index.fqn!r} is a pickled Python object that "
-                    f"weights_only=True refuses ({str(e).strip().splitlines()[0][:160] if str(e).strip() else e}); "
-                    "pass trusted=True (--trusted) if you trust who wrote it"
+                    f"torch.load(weights_only=True) refuses ({_weights_only_reason(e)})",
+                ) from None
+            except Exception as e:  # damaged bytes: torch's unpickler raises what it meets
+                raise ManifestError(
+                    f"{path}: the value {read_item.dest_index.fqn!r} is not readable: {type(e).__name__}: {e}"
                 ) from None
             from torch.distributed.checkpoint._traverse import set_element
 
@@ -386,7 +474,12 @@ def _load_dcp(path: str, *, trusted: bool) -> Any:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     reader = SafeReader(path)
-    reader.read_metadata()  # typed errors for a hostile or broken index, before DCP wraps them
+    try:
+        reader.read_metadata()  # typed errors for a hostile or broken index, before DCP wraps them
+    except CheckpointError:
+        raise
+    except Exception as e:  # trusted: DCP's own unpickling of a damaged file
+        raise ManifestError(f"{meta_path} is not valid DCP metadata: {type(e).__name__}: {e}") from None
     state: dict[str, Any] = {}
     import warnings
 
@@ -405,53 +498,36 @@ def _load_dcp(path: str, *, trusted: bool) -> Any:
                     raise exc from None
             last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise ManifestError(f"{path} could not be read as a torch.distributed.checkpoint: {last}") from None
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-            raise ManifestError(f"{path} could not be read as a torch.distributed.checkpoint: {e}") from None
+        except CheckpointError:
+            raise
+        except Exception as e:  # a damaged checkpoint: whatever DCP's reader raised outside its own wrapping
+            raise ManifestError(
+                f"{path} could not be read as a torch.distributed.checkpoint: {type(e).__name__}: {e}"
+            ) from None
     return fix_optimizer_state_keys(state)
 
 
-_DCP_ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata"}
-_DCP_ALLOWED = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("pathlib", "Path"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-}
+def _with_cli_message(err: CheckpointError, cli_message: str) -> CheckpointError:
+    """``err`` with the message the CLI prints instead of ``str(err)`` (its flags rather than Python parameters)."""
+    err.cli_message = cli_message  # type: ignore[attr-defined]
+    return err
 
 
-class _DcpUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module in _DCP_ALLOWED_MODULES or (module, name) in _DCP_ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module == "torch" and name in ("strided", "sparse_coo", "contiguous_format", "channels_last",
-                                          "preserve_format", "channels_last_3d"):  # fmt: skip
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(
-            f"torch.distributed.checkpoint metadata wants {module}.{name}, which is not on the allow-list of DCP "
-            "metadata classes; pass trusted=True (--trusted) if you trust who wrote it"
-        )
+def _weights_only_reason(e: BaseException) -> str:
+    """The part of torch's weights_only refusal that names what was refused (without its ANSI styling)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    at = text.find("WeightsUnpickler error:")
+    if at >= 0:
+        rest = [ln.strip() for ln in text[at + len("WeightsUnpickler error:") :].splitlines() if ln.strip()]
+        if rest:
+            return rest[0].split(". ")[0][:200]
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first[:200]
 
 
-def _safe_dcp_metadata(path: str) -> Any:
-    size = os.path.getsize(path)
-    if size > (1 << 30):
-        raise ManifestError(f"{path}: {size} bytes is larger than allowed")
-    with open(path, "rb") as f:
-        try:
-            return _DcpUnpickler(f).load()
-        except UnsafeCheckpointError:
-            raise
-        except Exception as e:
-            raise ManifestError(f"{path} is not valid DCP metadata: {e}") from None
+def _wants_globals(reason: str) -> bool:
+    """Whether a weights_only refusal is about a Python object (a global) rather than damaged pickle data."""
+    return "global" in reason.lower()
 
 
 def fix_optimizer_state_keys(obj: Any) -> Any:
@@ -504,14 +580,25 @@ def import_external(
     ext = load_external(path, trusted=trusted)
     state = ext.state if not under else {under: ext.state}
     meta = {"imported_from": os.path.abspath(path), "import_format": ext.format, **dict(metadata or {})}
-    return mgr.save(
-        step,
-        state,
-        epoch=epoch if epoch is not None else ext.epoch,
-        metrics=dict(metrics) if metrics is not None else ext.metrics,
-        metadata=meta,
-        allow_pickle=trusted,
-    )
+    try:
+        return mgr.save(
+            step,
+            state,
+            epoch=epoch if epoch is not None else ext.epoch,
+            metrics=dict(metrics) if metrics is not None else ext.metrics,
+            metadata=meta,
+            allow_pickle=trusted,
+        )
+    except UnsupportedValueError as e:
+        if trusted or "without pickle" not in str(e):
+            raise
+        what = str(e).split(". ")[0]  # "cannot store a builtins.set at 's' without pickle"
+        raise needs_trust(
+            UnsupportedValueError,
+            f"{path}: {what}",
+            "Re-save it with tensors and plain values only, or pass {flag} to store such values pickled if you "
+            "trust who wrote it (the step then loads only with trusted=True)",
+        ) from None
 
 
 # -- describing a step -------------------------------------------------------------------------------------------
