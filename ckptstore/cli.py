@@ -335,7 +335,7 @@ def _resolve_step(mgr: Any, spec: int | str) -> int:
         return spec
     info = mgr.latest() if spec == "latest" else mgr.best()
     if info is None:
-        what = "committed step" if spec == "latest" else "committed step with a numeric 'loss' metric"
+        what = "committed step" if spec == "latest" else "committed step with a finite numeric 'loss' metric"
         raise CheckpointNotFoundError(f"no {what} under {mgr.url}")
     return int(info.step)
 
@@ -348,7 +348,7 @@ def _require_root(mgr: Any, url: str) -> None:
 # -- commands -----------------------------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace, ui: Ui) -> int:
     mgr = _manager(args.url, _global_options(args))
-    infos = mgr.history()
+    infos = mgr.history(include_quarantined=args.all)
     if not infos:
         _require_root(mgr, args.url)
     pinned = set(mgr.pinned()) if infos else set()
@@ -366,6 +366,9 @@ def cmd_ls(args: argparse.Namespace, ui: Ui) -> int:
                     "created": _iso(i.created_at),
                     "pinned": i.step in pinned,
                     "url": i.url,
+                    "generation": i.generation,
+                    "parent": None if i.parent is None else {"step": i.parent[0], "generation": i.parent[1]},
+                    "quarantined": i.quarantined,
                 }
                 for i in infos
             ]
@@ -375,18 +378,24 @@ def cmd_ls(args: argparse.Namespace, ui: Ui) -> int:
         ui.err(f"ckptstore ls: no committed steps under {args.url}")
         return EXIT_OK
     headers = ["step", "epoch", "metrics", "size", "world size", "created"]
+    # Lineage columns once there is lineage to show: a step saved again, or quarantined generations (--all).
+    lineage = any(i.generation > 1 or i.quarantined for i in infos)
+    if lineage:
+        headers += ["gen", "parent", "status"]
     rows = []
     for i in infos:
-        rows.append(
-            [
-                str(i.step) + (" *" if i.step in pinned else ""),
-                "-" if i.epoch is None else str(i.epoch),
-                _fmt_metrics(i.metrics) or "-",
-                human_bytes(i.nbytes),
-                str(i.world_size),
-                _fmt_time(i.created_at),
-            ]
-        )
+        row = [
+            str(i.step) + (" *" if i.step in pinned else ""),
+            "-" if i.epoch is None else str(i.epoch),
+            _fmt_metrics(i.metrics) or "-",
+            human_bytes(i.nbytes),
+            str(i.world_size),
+            _fmt_time(i.created_at),
+        ]
+        if lineage:
+            parent = "-" if i.parent is None else str(i.parent[0]) + (f".g{i.parent[1]}" if i.parent[1] > 1 else "")
+            row += [str(i.generation), parent, "ok" if not i.quarantined else i.quarantined.split(":")[0]]
+        rows.append(row)
     ui.table(headers, rows, right=(0, 1, 3, 4))
     if pinned:
         ui.out("(* pinned)")
@@ -1025,6 +1034,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub("ls", cmd_ls)
     p.add_argument("url", metavar="URL", type=_url, help=url_help)
     p.add_argument("--json", action="store_true", help="print a JSON list (step, epoch, metrics, nbytes, ...)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also quarantined generations (failed verification, superseded timelines): the full lineage",
+    )
 
     p = sub("show", cmd_show)
     p.add_argument("url", metavar="URL", type=_url, help=url_help)

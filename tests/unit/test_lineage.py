@@ -85,3 +85,28 @@ def test_committed_verified_steps_stay_immutable(tmp_path: Path) -> None:
     assert other.steps() == [100, 200, 300]
     with pytest.raises(CheckpointExistsError):
         other.save(200, _st(4))
+
+
+def test_ls_shows_the_lineage(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "ck")
+    mgr = CheckpointManager(root)
+    mgr.save(100, _st(1))
+    mgr.save(200, _st(2))
+    job = CheckpointManager(root)
+    job.restore(_st(0), step=100)
+    job.save(150, _st(1.5))
+    job.save(200, _st(2.5))
+    run = [sys.executable, "-m", "ckptstore", "ls", root]
+    table = subprocess.run([*run, "--all"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "gen" in table and "parent" in table and "superseded" in table
+    rows = json.loads(subprocess.run([*run, "--all", "--json"], capture_output=True, text=True, timeout=60).stdout)
+    assert [(r["step"], r["generation"], r["parent"], bool(r["quarantined"])) for r in rows] == [
+        (100, 1, None, False),
+        (150, 1, {"step": 100, "generation": 1}, False),
+        (200, 1, {"step": 100, "generation": 1}, True),
+        (200, 2, {"step": 150, "generation": 1}, False),
+    ]
