@@ -500,57 +500,14 @@ class _FutureHandle:
         return res
 
 
-def _swap_hot_paths(impl: str) -> None:
-    """Use another version of ``ckptstore/io.py`` and ``ckptstore/storage/local.py`` in this process.
-
-    ``impl`` is a git revision (``HEAD``: the committed files) or a directory holding ``io.py`` and/or
-    ``storage/local.py``. For before/after comparisons of hot-path changes in the same run.
-    """
-    import importlib.util
-    import subprocess
-    import sys
-
-    import ckptstore.manager
-    import ckptstore.storage.local
-
-    from .targets import REPO
-
-    def source(rel: str) -> str | None:
-        p = Path(impl) / rel
-        if p.is_dir() or Path(impl).is_dir():
-            return p.read_text() if p.exists() else None
-        r = subprocess.run(["git", "show", f"{impl}:ckptstore/{rel}"], cwd=REPO, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise ValueError(f"impl={impl}: cannot read ckptstore/{rel}: {r.stderr.strip()}")
-        return r.stdout
-
-    def load(name: str, text: str) -> Any:
-        spec = importlib.util.spec_from_loader(name, loader=None)
-        assert spec is not None
-        mod = importlib.util.module_from_spec(spec)
-        mod.__package__ = name.rpartition(".")[0]
-        sys.modules[name] = mod
-        exec(compile(text, f"<{impl}:{name}>", "exec"), mod.__dict__)
-        return mod
-
-    io_src = source("io.py")
-    if io_src is not None:
-        alt = load("ckptstore._bench_alt_io", io_src)
-        for name in ("ReadTask", "Source", "plan_fill", "read_pieces", "write_files"):
-            if hasattr(ckptstore.manager, name):
-                setattr(ckptstore.manager, name, getattr(alt, name))
-    local_src = source("storage/local.py")
-    if local_src is not None:
-        alt_local = load("ckptstore.storage._bench_alt_local", local_src)
-        ckptstore.storage.local.LocalStorage = alt_local.LocalStorage  # type: ignore[misc]
-
-
 class Ckptstore(Contender):
-    """``CheckpointManager``; options are ``IOOptions`` fields plus two benchmark-only switches:
+    """``CheckpointManager``; options are ``IOOptions`` fields plus benchmark-only switches:
 
-    * ``impl=REV|DIR`` - run with ``io.py``/``storage/local.py`` from a git revision or a directory (A/B);
     * ``nogc=true`` - disable Python's cyclic GC during the operation (measures that proposal);
-    * ``proto=NAME`` - a prototype of a proposed change from ``benchmarks/prototypes.py`` (e.g. ``mmap_load``).
+    * ``overlap=true`` - ``CheckpointManager(overlap_staging=True)`` (W5).
+
+    Before/after comparisons of library changes run the benchmark at both git revisions (two worktrees), not by
+    patching the library's modules in one process.
     """
 
     kind = "ckptstore"
@@ -563,24 +520,13 @@ class Ckptstore(Contender):
         from ckptstore.options import IOOptions
 
         opts = dict(options)
-        self.impl: str | None = opts.pop("impl", None)
         self.nogc = bool(opts.pop("nogc", False))
-        self.proto: str | None = opts.pop("proto", None)
         self.overlap = bool(opts.pop("overlap", False))  # W5: CheckpointManager(overlap_staging=True)
         self.io = IOOptions(**opts)
-        self._swapped = False
 
     def _mgr(self, loc: str) -> Any:
         from ckptstore import CheckpointManager
 
-        if not self._swapped:
-            if self.impl:
-                _swap_hot_paths(str(self.impl))
-            if self.proto:
-                from .prototypes import apply
-
-                apply(str(self.proto))
-            self._swapped = True
         return CheckpointManager(loc, io=self.io, storage_options=self.storage_options, overlap_staging=self.overlap)
 
     def _gc_off(self) -> Any:

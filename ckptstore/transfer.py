@@ -670,14 +670,6 @@ def copy_artifacts(
     return total, names
 
 
-def missing_steps(src: Storage | Any, dst: Storage | Any, steps: Iterable[int] | None = None) -> list[int]:
-    """Committed steps of ``src`` (or of ``steps``) that ``dst`` has not committed, ascending."""
-    s, d = as_storage(src), as_storage(dst)
-    want = committed_steps(s) if steps is None else sorted(set(steps))
-    have = set(committed_steps(d))
-    return [x for x in want if x not in have]
-
-
 def copy_steps(
     src: Storage | Any,
     dst: Storage | Any,
@@ -837,7 +829,6 @@ __all__ = [
     "copy_step",
     "copy_steps",
     "mirror",
-    "missing_steps",
     "read_manifest",
     "step_bytes",
     "sync_once",

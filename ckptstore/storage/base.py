@@ -153,8 +153,6 @@ class Storage:
     #: processes and hosts; every other writer gets ``FileExistsError``. (Generic fsspec: as exclusive as the
     #: filesystem's mode ``"x"`` is.)
     exclusive_create: bool = True
-    #: Kept for older callers: the same as ``exclusive_create``.
-    atomic_create: bool = True
     #: A name made by ``create_exclusive`` appears with its complete content at once: a reader never sees a
     #: partial file under it, and a crash never leaves a torn one (link(2), rename without replace, one PUT).
     #: False when the backend had to create the final name first and then write it (``LocalStorage`` on a

@@ -230,7 +230,6 @@ class LocalStorage(Storage):
     small_reads_cheap = True
     #: O_EXCL / link(2) / RENAME_NOREPLACE are exclusive on local filesystems and on NFSv3+ (not NFSv2).
     exclusive_create = True
-    atomic_create = True
     has_mtime = True
 
     def __init__(self, url: str) -> None:

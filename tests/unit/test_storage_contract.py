@@ -268,7 +268,7 @@ def test_capabilities_are_declared(storage: Storage) -> None:
     for name in ("small_reads_cheap", "exclusive_create", "create_all_or_nothing", "has_links", "has_mtime"):
         assert isinstance(getattr(type(storage), name, None), (bool, property)), name
         assert isinstance(getattr(storage, name), bool), name
-    assert storage.exclusive_create and storage.atomic_create
+    assert storage.exclusive_create
     assert storage.create_all_or_nothing  # link(2) works here; S3: one conditional PUT; memory: one pipe
     local = isinstance(storage, LocalStorage)
     assert storage.small_reads_cheap is local
