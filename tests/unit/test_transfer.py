@@ -68,7 +68,7 @@ def test_copy_steps_copies_bytes_exactly_and_skips_existing(roots: tuple[str, st
     res = copy_steps(src, dst_st, [2], on_step=done.append, chunk_bytes=256 << 10)
     assert [r.step for r in res] == [2] and res[0].copied and res[0].files == 2
     assert committed_steps(dst_st) == [2]
-    assert sorted(set(committed_steps(src)) - set(committed_steps(dst_st))) == [1, 10]
+    assert sorted(set(committed_steps(src.storage)) - set(committed_steps(dst_st))) == [1, 10]
     res = copy_steps(src, dst_st, chunk_bytes=256 << 10, threads=2)
     assert [(r.step, r.copied) for r in res] == [(1, True), (2, False), (10, True)]
     dst = _mgr(dst_url)
