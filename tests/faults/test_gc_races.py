@@ -51,7 +51,8 @@ def test_files_removed_before_the_commit_are_never_committed(backend: Backend) -
         mgr.storage.inner.remove(f"{prefix}/{shard}")
 
     # Right before the commit (rank 0 lists the step's files), another process deletes a finished shard.
-    inject(mgr, Fault("call", op="list_entries", path=step_dir(2), fn=remove_a_shard))
+    # (the 1st listing of the step's directory is the save's start: which generation to write)
+    inject(mgr, Fault("call", op="list_entries", path=step_dir(2), nth=2, fn=remove_a_shard))
     with pytest.raises(StorageError, match="not committed: files written by this save are gone"):
         mgr.save(2, make_state(2))
     fresh = backend.manager()
