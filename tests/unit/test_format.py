@@ -13,6 +13,7 @@ from safetensors import safe_open
 from ckptstore.errors import ManifestError, UnsafeCheckpointError
 from ckptstore.format.manifest import Manifest, Piece, TensorEntry, parse_step_dir, step_dir
 from ckptstore.format.safetensors import HeaderEntry, build_header, parse_header
+from tests.faults.forge import sign
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -105,11 +106,12 @@ def _doc() -> dict:
         (lambda d: d.update(tree=None) or d.pop("tree"), "missing field 'tree'"),
     ],
 )
-def test_manifest_validation_errors(mutate, err: str) -> None:
+@pytest.mark.parametrize("lines", [True, False], ids=["line-layout", "one-line"])
+def test_manifest_validation_errors(mutate, err: str, lines: bool) -> None:
     d = _doc()
     mutate(d)
     with pytest.raises(ManifestError, match=err):
-        Manifest.from_bytes(json.dumps(d).encode())
+        Manifest.from_bytes(sign(d, lines=lines))
 
 
 @pytest.mark.parametrize("name", ["../evil.safetensors", "/etc/passwd", "s3://other/x", "a/../../b", "..", "a\\b"])
@@ -117,8 +119,9 @@ def test_manifest_path_escape_is_refused(name: str) -> None:
     d = _doc()
     d["files"] = {name: 88}
     d["tensors"]["w"]["pieces"][0]["file"] = name
-    with pytest.raises(UnsafeCheckpointError):
-        Manifest.from_bytes(json.dumps(d).encode())
+    for lines in (True, False):
+        with pytest.raises(UnsafeCheckpointError):  # a valid checksum: hostile, not damaged
+            Manifest.from_bytes(sign(d, lines=lines))
 
 
 @pytest.mark.parametrize(
