@@ -565,10 +565,11 @@ class _Reader:
             tail: str | bytes
             if key == "tensors":
                 self._check_format(fields)
-                if eol == vpos + 1 and data[vpos] == 0x7B:  # "{" then one row per line
+                rest = data[vpos:eol].strip(b" \t\r")
+                if rest == b"{":  # then one row per line
                     eol, tail = self._read_rows(eol + 1)
-                elif data.startswith(b"{}", vpos):
-                    tail = data[vpos + 2 : eol]
+                elif rest.startswith(b"{") and rest[1:].lstrip(b" \t").startswith(b"}"):
+                    tail = rest[1:].lstrip(b" \t")[1:].strip(b" \t")
                 else:
                     raise self.bad("field 'tensors' must be an object with one tensor per line")
                 fields[key] = None
@@ -607,7 +608,7 @@ class _Reader:
             if data.startswith(b" }", pos):
                 if comma:
                     raise self.bad("the last tensor row ends with ','")
-                return eol, data[pos + 2 : eol]
+                return eol, data[pos + 2 : eol].strip(b" \t\r")
             if comma is False:
                 raise self.bad("a ',' is missing between two tensor rows")
             comma = self._row(str(mv[pos:eol], "utf-8"))
