@@ -642,28 +642,57 @@ class _Reader:
         if m is None:
             return self._row_json(s)
         key_raw, dt_raw, shape_raw, dev_raw, enc_raw = m.groups()
-        key = _unescape(key_raw)
-        w = f"tensor {key!r}"
-        dt = self.dtypes.get(dt_raw) or self._dtype(_unescape(dt_raw), w)
+        key = _scanstring(key_raw + '"', 0)[0] if "\\" in key_raw else key_raw
+        dt = self.dtypes.get(dt_raw) or self._dtype(_unescape(dt_raw), f"tensor {key!r}")
         sh = self.raw_ints.get(shape_raw) or self._raw_ints(shape_raw)
-        dev = self.devices.get(dev_raw) or self._device(_unescape(dev_raw), w)
-        enc = "raw" if enc_raw is None else self._encoding(_unescape(enc_raw), dt[0], sh[0], w)
+        dev = self.devices.get(dev_raw) or self._device(_unescape(dev_raw), f"tensor {key!r}")
+        enc = "raw" if enc_raw is None else self._encoding(_unescape(enc_raw), dt[0], sh[0], f"tensor {key!r}")
         pieces: list[Piece] = []
         boxes: list[_Box] = []
         pos = m.end()
         if not s.startswith("]}", pos):
-            match, names, ints = _PIECE_RE.match, self.raw_names, self.raw_ints
+            match, names, ints, files = _PIECE_RE.match, self.raw_names, self.raw_ints, self.files
+            shape, numel = sh
+            nbytes = numel * dt[1]
+            itemsize = dt[1]
             while True:
                 pm = match(s, pos)
                 if pm is None:
                     return self._row_json(s)
                 f_raw, a, b, crc, o_raw, b_raw = pm.groups()
                 fname = names.get(f_raw) or self._raw_name(f_raw)
+                start, end = int(a), int(b)
+                size = files.get(fname, -1) if files is not None else -1
+                # The common cases inline; anything unusual goes through _piece, which has the precise errors.
                 if o_raw is None and b_raw is None:
-                    box = None
+                    if start <= end <= size and end - start == nbytes:
+                        if numel:
+                            boxes.append(((0,) * len(shape), shape, numel))
+                        pieces.append(_new_piece(Piece, (fname, start, end, int(crc, 16), None, None)))
+                    else:
+                        pieces.append(
+                            self._piece(f"tensor {key!r}", dt, sh, fname, start, end, int(crc, 16), None, boxes)
+                        )
                 else:
                     box = (ints.get(o_raw) or self._raw_ints(o_raw), ints.get(b_raw) or self._raw_ints(b_raw))
-                pieces.append(self._piece(w, dt, sh, fname, int(a), int(b), int(crc, 16), box, boxes))
+                    offs, bshape, n = box[0][0], box[1][0], box[1][1]
+                    if (
+                        start <= end <= size
+                        and end - start == n * itemsize
+                        and len(offs) == len(shape) == len(bshape)
+                        and (
+                            offs[0] + bshape[0] <= shape[0] and offs[1] + bshape[1] <= shape[1]
+                            if len(shape) == 2  # the usual chunk of a matrix, without a generator
+                            else all(o + x <= g for o, x, g in zip(offs, bshape, shape))
+                        )
+                    ):
+                        if n:
+                            boxes.append((offs, bshape, n))
+                        pieces.append(_new_piece(Piece, (fname, start, end, int(crc, 16), offs, bshape)))
+                    else:
+                        pieces.append(
+                            self._piece(f"tensor {key!r}", dt, sh, fname, start, end, int(crc, 16), box, boxes)
+                        )
                 pos = pm.end()
                 if s.startswith(",", pos):
                     pos += 1
@@ -674,7 +703,7 @@ class _Reader:
         tail = s[pos + 2 :]
         if tail not in ("", ","):
             return self._row_json(s)
-        self._add(key, w, dt[0], sh, dev, enc, pieces, boxes)
+        self._add(key, dt[0], sh, dev, enc, pieces, boxes)
         return tail == ","
 
     def _row_json(self, s: str) -> bool:
@@ -726,7 +755,7 @@ class _Reader:
             if "offsets" in p or "shape" in p:
                 box = (self._ints(p.get("offsets"), "piece offsets", w), self._ints(p.get("shape"), "piece shape", w))
             pieces.append(self._piece(w, dt, sh, fname, rng[0], rng[1], int(crc, 16), box, boxes))
-        self._add(key, w, dt[0], sh, dev, enc, pieces, boxes)
+        self._add(key, dt[0], sh, dev, enc, pieces, boxes)
 
     def _piece(
         self,
@@ -775,7 +804,6 @@ class _Reader:
     def _add(
         self,
         key: str,
-        w: str,
         dtype: str,
         sh: tuple[tuple[int, ...], int],
         dev: str,
@@ -787,7 +815,7 @@ class _Reader:
             raise self.bad(f"duplicate tensor key {key!r}")
         shape, numel = sh
         if len(boxes) != 1 or boxes[0][2] != numel:  # else: one box holding every element, the whole tensor
-            check_cover(shape, numel, boxes, f"{self.where}: {w}")
+            check_cover(shape, numel, boxes, f"{self.where}: tensor {key!r}")
         if self.files is None:
             self.unchecked.append(key)
         self.tensors[key] = _new_entry(TensorEntry, (dtype, shape, tuple(pieces), dev, enc))
