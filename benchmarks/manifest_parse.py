@@ -1,6 +1,6 @@
 """Manifest parse cost: time and peak RSS of ``Manifest.from_bytes`` on large, realistic manifests.
 
-    python -m benchmarks.manifest_parse [--sizes 16,64,256] [--chunked-every 8] [--chunks 16] [--dir DIR]
+    python -m benchmarks.manifest_parse [--sizes 16,64,256] [--kind realistic] [--chunked-every 8] [--chunks 16]
 
 For each size (MiB) a manifest is written by ``Manifest.to_bytes`` for a transformer-like state: 12 tensors per
 layer (2-D weights and 1-D biases/norms, keys like ``model/layers.17.mlp.up_proj.weight``), every
@@ -9,6 +9,11 @@ tree referring to every tensor. Each size is then parsed in a fresh child proces
 its peak-RSS counter (``/proc/self/clear_refs``), parses once and reports the wall time and how far the peak RSS
 (VmHWM) rose above the RSS before the parse (the input bytes already read are not counted). The parsed manifest
 stays alive until the peak is read, as it would in a real reader. Linux only.
+
+``--kind`` picks hostile shapes instead (each with a valid checksum), to measure the worst case the limits allow:
+``tiny-rows`` (zero-element tensors with one-letter keys: the most rows per byte), ``tiny-pieces`` (tensors of
+1000 one-element box pieces: the most pieces per byte), ``json`` (a realistic manifest whose metadata is a list
+of ``[]`` sized to just fit the JSON budget: the most Python objects per byte the reader lets through).
 """
 
 from __future__ import annotations
@@ -73,8 +78,60 @@ def build(target_bytes: int, chunked_every: int, chunks: int) -> bytes:
                         created_at=1764000000.0, save_id="9f1c2a7b",
                         versions={"ckptstore": "0.1.0", "torch": "2.13.0", "python": "3.11.7"})  # fmt: skip
 
-    probe = len(make(2000).to_bytes())
-    return make(max(1, int(2000 * target_bytes / probe))).to_bytes()
+    from ckptstore.errors import ManifestError
+
+    n = max(1, int(2000 * target_bytes / len(make(2000).to_bytes())))
+    while True:
+        try:
+            data = make(n).to_bytes()
+        except ManifestError:  # over MAX_MANIFEST_BYTES (keys get longer with the layer number)
+            data = b""
+        if data and len(data) <= target_bytes * 1.02:
+            return data
+        n = int(n * 0.97)
+
+
+def build_hostile(kind: str, target_bytes: int) -> bytes:
+    import crc32c
+
+    from ckptstore.format import manifest as mf
+    from ckptstore.format.manifest import Manifest, Piece, TensorEntry
+
+    def sign(body: bytes) -> bytes:
+        return body + b',\n "manifest_crc32c":"' + f"{crc32c.crc32c(body):08x}".encode() + b'"\n}\n'
+
+    def make(n: int) -> bytes:
+        tensors: dict[str, TensorEntry] = {}
+        for i in range(n):
+            if kind == "tiny-rows":
+                tensors[f"{i:x}"] = TensorEntry("uint8", (0,), (Piece("f", 0, 0, 0),))
+            else:
+                ps = tuple(Piece("f", j, j + 1, j, (j,), (1,)) for j in range(1000))
+                tensors[f"{i:x}"] = TensorEntry("uint8", (1000,), ps)
+        m = Manifest(step=1, tree={"t": "dict", "k": [], "v": []}, tensors=tensors, files={"f": 1000})
+        return m.to_bytes()
+
+    if kind == "json":
+        base = build(target_bytes // 4, 8, 16)
+        body = base[: base.rfind(b',\n "manifest_crc32c"')]
+        # What the reader charges the other field lines, then as many "[]," as the rest of the budget allows.
+        lines = [ln for ln in body.split(b"\n") if ln.startswith(b' "') and not ln.startswith(b' "tensors"')]
+        other = sum(mf.json_cost(ln, ln.index(b":") + 1) for ln in lines)
+        per = mf.json_cost(b"[[],[]]") - mf.json_cost(b"[[]]")  # what one more "[]," is charged
+        r = mf.JSON_BUDGET_RATIO
+        n = int(0.99 * (r * len(body) + mf.JSON_BUDGET_BYTES - other) / (per - 3 * r))
+        line = b'\n "metadata":{"x":[' + b"[]," * n + b"[]]},"
+        return sign(body.replace(b'\n "metadata":{},', line, 1))
+    per_item = 110 if kind == "tiny-rows" else 60_000
+    n = max(1, target_bytes // per_item)
+    while True:
+        try:
+            data = make(n)
+        except mf.ManifestError:  # over MAX_MANIFEST_BYTES
+            data = b""
+        if data and len(data) <= target_bytes * 1.02:
+            return data
+        n = int(n * 0.9)
 
 
 def _status_kib(field: str) -> int:
@@ -88,6 +145,7 @@ def _status_kib(field: str) -> int:
 def child(path: str) -> None:
     import gc
 
+    from ckptstore.errors import CheckpointError
     from ckptstore.format.manifest import Manifest
 
     Manifest.from_bytes(build(64 * 1024, 8, 16))  # warm imports and caches on a small manifest
@@ -97,12 +155,16 @@ def child(path: str) -> None:
         f.write("5")
     base = _status_kib("VmRSS") * 1024
     t0 = time.perf_counter()
-    m = Manifest.from_bytes(data)
+    try:
+        m = Manifest.from_bytes(data)
+        tensors, pieces, outcome = len(m.tensors), sum(len(t.pieces) for t in m.tensors.values()), "parsed"
+    except CheckpointError as e:
+        tensors, pieces, outcome = 0, 0, f"{type(e).__name__}: {str(e)[:100]}"
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM") * 1024
     live = _status_kib("VmRSS") * 1024
     print(json.dumps({
-        "bytes": len(data), "tensors": len(m.tensors), "pieces": sum(len(t.pieces) for t in m.tensors.values()),
+        "bytes": len(data), "tensors": tensors, "pieces": pieces, "outcome": outcome,
         "seconds": round(seconds, 3), "peak_delta": peak - base, "live_delta": live - base,
     }))  # fmt: skip
 
@@ -112,6 +174,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="16,64,256", help="manifest sizes in MiB, comma-separated")
     ap.add_argument("--chunked-every", type=int, default=8, help="every N-th tensor is split in --chunks pieces")
     ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--kind", default="realistic", choices=["realistic", "tiny-rows", "tiny-pieces", "json"])
     ap.add_argument("--dir", default=None, help="where the manifests are written (default: a temp dir)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -123,7 +186,10 @@ def main() -> None:
     print(f"{'size':>8} {'tensors':>9} {'pieces':>9} {'parse s':>8} {'peak RSS +':>11} {'x size':>7} {'kept +':>9}")
     for size in [float(s) for s in args.sizes.split(",") if s]:
         path = d / f"manifest-{size:g}MiB.json"
-        path.write_bytes(build(int(size * MiB), args.chunked_every, args.chunks))
+        if args.kind == "realistic":
+            path.write_bytes(build(int(size * MiB), args.chunked_every, args.chunks))
+        else:
+            path.write_bytes(build_hostile(args.kind, int(size * MiB)))
         try:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.manifest_parse", "--child", str(path)],
                                   capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
@@ -133,7 +199,7 @@ def main() -> None:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{r['bytes'] / MiB:>7.1f}M {r['tensors']:>9} {r['pieces']:>9} {r['seconds']:>8.2f} "
                   f"{r['peak_delta'] / MiB:>9.0f}Mi {r['peak_delta'] / r['bytes']:>6.1f}x "
-                  f"{r['live_delta'] / MiB:>7.0f}Mi", flush=True)  # fmt: skip
+                  f"{r['live_delta'] / MiB:>7.0f}Mi  {r['outcome']}", flush=True)  # fmt: skip
         finally:
             if not args.dir:
                 os.unlink(path)

@@ -54,14 +54,17 @@ from .state import STORABLE_DTYPES, check_device, check_tree
 FORMAT_NAME = "ckptstore"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-#: Manifests larger than this are refused, by writers and readers alike. A realistic manifest (a few pieces per
-#: tensor) costs about 3-4x its size to parse; hostile ones are bounded by the JSON budget below (at most about
-#: 9x). 256 MiB is about a million tensors.
+#: Manifests larger than this are refused, by writers and readers alike (before a byte is parsed). Parsing costs
+#: (peak RSS over the bytes read, ``benchmarks/manifest_parse.py``): a realistic manifest ~2.5x its size (a
+#: 249 MiB one, 464k tensors / 1.3M pieces: +616 MiB); the worst hostile shapes the limits let through ~3x (rows
+#: or pieces as small as they get) and ~5.5x (JSON filled up to the budget below). 256 MiB is ~470k tensors.
 MAX_MANIFEST_BYTES = 256 << 20
 #: The JSON outside the tensor rows (tree, metadata, metrics, extras, ...) may cost at most
 #: ``JSON_BUDGET_RATIO * manifest size + JSON_BUDGET_BYTES`` bytes of Python objects, as estimated by
-#: :func:`json_cost` before it is parsed. Writers refuse to commit a manifest over it (:func:`check_limits`).
-JSON_BUDGET_RATIO = 4
+#: :func:`json_cost` before it is parsed. Writers refuse to commit a manifest over it (:func:`check_limits`). A real
+#: model + AdamW + scheduler state is charged ~4.4x its manifest's size (its tree: small dicts, lists of ints),
+#: the benchmark's state ~1.6x; the 64 MiB floor covers every manifest up to ~10 MiB whatever its shape.
+JSON_BUDGET_RATIO = 6
 JSON_BUDGET_BYTES = 64 << 20
 #: Steps are 0 .. 2**63-1 (a step directory name has 12 to 19 digits).
 MAX_STEP = (1 << 63) - 1
@@ -174,15 +177,34 @@ def encode_json(value: Any, where: str = "value") -> Any:
 
 
 def decode_json(value: Any) -> Any:
+    """Undo :func:`encode_json`: tagged non-finite floats back to floats. Works in place on the containers of
+    ``value`` (parsed JSON, owned by the caller), so decoding a huge metadata tree never copies it."""
     if isinstance(value, dict):
         if len(value) == 1 and "$float" in value:
-            if value["$float"] not in ("nan", "inf", "-inf"):
-                raise ManifestError(f"invalid tagged float {value['$float']!r}")
-            return float(value["$float"])
-        return {k: decode_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [decode_json(v) for v in value]
+            return _tagged_float(value["$float"])
+        stack: list[Any] = [value]
+    elif isinstance(value, list):
+        stack = [value]
+    else:
+        return value
+    while stack:  # iterative: no recursion limit on deep (already depth-checked by json) trees
+        node = stack.pop()
+        # Replacing the value of an existing key (or list slot) while iterating is safe: the size never changes.
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(v, dict):
+                if len(v) == 1 and "$float" in v:
+                    node[k] = _tagged_float(v["$float"])
+                else:
+                    stack.append(v)
+            elif isinstance(v, list):
+                stack.append(v)
     return value
+
+
+def _tagged_float(tag: Any) -> float:
+    if not isinstance(tag, str) or tag not in ("nan", "inf", "-inf"):
+        raise ManifestError(f"invalid tagged float {tag!r:.100}")
+    return float(tag)
 
 
 def _reject_constant(c: str) -> Any:
@@ -351,20 +373,41 @@ def check_limits(size: int, json_cost_bytes: int = 0, *, where: str = "manifest"
         )
 
 
-def json_cost(s: str | bytes, start: int = 0, end: int | None = None) -> int:
-    """An upper bound of the memory (bytes) ``json.loads`` needs for the JSON text ``s[start:end]``, from a
-    count of its structural characters: a container costs at most ~200 (dict) / ~72 (list) bytes, a value's slot
-    and object (int, float, short string) at most ~48, a string ~64 more; text costs twice its length."""
+def json_cost(s: str | bytes, start: int = 0, end: int | None = None, *, ascii: bool | None = None) -> int:
+    """An upper bound of the memory (bytes) ``json.loads`` needs for the JSON text ``s[start:end]`` (its objects
+    plus the decoded text), from a count of its structural characters, without parsing it. Costs charged (CPython
+    3.11, 64-bit, measured): a dict 96 + 96 per entry, a list 64, 16 per element slot, 64 per string header, 32
+    per number, and the text twice (the decoded line and the strings' characters): 4x with ``\\u`` escapes
+    (2 bytes per character), 10x with non-ASCII bytes or escaped surrogate pairs (4 bytes per character).
+    ``ascii``: whether the whole of ``s`` is known to be ASCII (else it is checked).
+
+    Measured against ``tracemalloc``: a realistic state tree (``benchmarks/manifest_parse.py``) is charged ~9x its
+    bytes (it takes 5.5x), a list of ``[]`` ~45x (takes 23x), a dict of distinct keys ~20x (10x), 1-key dicts
+    ~20x (17.5x), lists of ints 6-26x (5x): never less than the real cost."""
     if end is None:
         end = len(s)
     if isinstance(s, str):
-        lb, lk, cm, qt, cl = "{", "[", ",", '"', ":"
+        lb, lk, cm, qt, cl, esc = "{", "[", ",", '"', ":", "\\u"
     else:
-        lb, lk, cm, qt, cl = b"{", b"[", b",", b'"', b":"
+        lb, lk, cm, qt, cl, esc = b"{", b"[", b",", b'"', b":", b"\\u"
+    if ascii is None:
+        ascii = (s if start == 0 and end == len(s) else s[start:end]).isascii()
+    factor = 1
+    if not ascii:
+        factor = 5  # a str may take 4 bytes per character
+    elif s.count(esc, start, end):  # type: ignore[arg-type]
+        # \\uXXXX escapes: 2 bytes per character, 4 with a surrogate pair (a character past U+FFFF)
+        pairs = [b"\\u" + h for h in (b"d8", b"d9", b"da", b"db", b"D8", b"D9", b"DA", b"DB")]
+        if isinstance(s, str):
+            pairs = [p.decode() for p in pairs]  # type: ignore[misc]
+        factor = 5 if any(s.count(p, start, end) for p in pairs) else 2  # type: ignore[arg-type]
     objs, lists = s.count(lb, start, end), s.count(lk, start, end)  # type: ignore[arg-type]
-    values = s.count(cm, start, end) + objs + lists + 1  # type: ignore[arg-type]
-    strings = max(s.count(qt, start, end) // 2 - s.count(cl, start, end), 0)  # type: ignore[arg-type]
-    return 2 * (end - start) + 200 * objs + 72 * lists + 48 * values + 64 * strings
+    commas, colons = s.count(cm, start, end), s.count(cl, start, end)  # type: ignore[arg-type]
+    strings = s.count(qt, start, end) // 2  # type: ignore[arg-type]
+    items = commas + objs + lists + 1  # every value or entry is preceded by "," or opens its container
+    numbers = max(commas + 1 + colons - strings, 0)  # items that are neither strings nor keys (an upper bound)
+    text = 2 * factor * (end - start)
+    return text + 120 * objs + 64 * (colons + lists + strings) + 16 * items + 32 * numbers
 
 
 def _check_encodable(m: Manifest) -> None:
@@ -509,6 +552,7 @@ class _Reader:
         self.where = where
         self.budget = _json_budget(len(data))
         self.json_used = 0
+        self.ascii = data.isascii()  # what ckptstore writes
         self.decoder = json.JSONDecoder(parse_constant=_reject_constant)
         self.tensors: dict[str, TensorEntry] = {}
         self.files: dict[str, int] | None = None
@@ -574,7 +618,7 @@ class _Reader:
                     raise self.bad("field 'tensors' must be an object with one tensor per line")
                 fields[key] = None
             else:
-                self.charge(json_cost(data, vpos, eol), f"field {key!r}")
+                self.charge(json_cost(data, vpos, eol, ascii=self.ascii), f"field {key!r}")
                 text = str(mv[vpos:eol], "utf-8")
                 try:
                     value, i = self.decoder.raw_decode(text, _WS.match(text).end())
@@ -617,7 +661,7 @@ class _Reader:
 
     def _read_any(self) -> dict[str, Any]:
         data = self.data
-        self.charge(json_cost(data), "the manifest (not in the line layout ckptstore writes)")
+        self.charge(json_cost(data, ascii=self.ascii), "the manifest (not in the line layout ckptstore writes)")
         try:
             doc = json.loads(str(memoryview(data), "utf-8"), parse_constant=_reject_constant)
         except ManifestError as e:

@@ -485,3 +485,35 @@ def test_row_spellings_parse_alike() -> None:
     for other in (Manifest.from_bytes(sign(doc, lines=False)), Manifest.from_bytes(spaced)):
         assert other.tensors == m.tensors and other.tree == m.tree and other.files == m.files
     assert m.to_bytes() == raw
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"[" + b"[]," * 50_000 + b"[]]",
+        b"[" + b"{}," * 50_000 + b"{}]",
+        b"{" + b",".join(b'"a%d":0' % i for i in range(50_000)) + b"}",
+        b"[" + b",".join(b'{"k%d":%d}' % (i, i) for i in range(50_000)) + b"]",
+        b"[" + b",".join(b'"ab%d"' % (i % 10) for i in range(50_000)) + b"]",
+        b"[" + b",".join(b"%d" % (10**12 + i) for i in range(50_000)) + b"]",
+        b"[" + b"1.5," * 50_000 + b"1.5]",
+        b'["\\ud83d\\ude00' + b"a" * 200_000 + b'"]',
+        b'["\\u0100' + b"a" * 200_000 + b'"]',
+        '["\U0001f642'.encode() + b"a" * 200_000 + b'"]',
+    ],
+    ids=["[]", "{}", "keys", "1-key dicts", "strings", "ints", "floats", "astral escape", "bmp escape", "astral utf-8"],
+)
+def test_json_cost_is_an_upper_bound_of_the_parse(text: bytes) -> None:
+    import gc
+    import tracemalloc
+
+    from ckptstore.format.manifest import json_cost
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        value = json.loads(str(memoryview(text), "utf-8"))  # what the reader does with a line
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert value is not None and json_cost(text) >= peak, (json_cost(text) / len(text), peak / len(text))
