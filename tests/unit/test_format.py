@@ -517,3 +517,32 @@ def test_json_cost_is_an_upper_bound_of_the_parse(text: bytes) -> None:
     finally:
         tracemalloc.stop()
     assert value is not None and json_cost(text) >= peak, (json_cost(text) / len(text), peak / len(text))
+
+
+def test_every_layout_the_planner_writes_passes_the_cover_check() -> None:
+    # DTensor-like boxes (uneven shards of a 4 x 3 mesh, a replicated mesh dim, an empty trailing shard),
+    # planned with small chunks so boxes are split along dim 0: the reader accepts every plan.
+    from ckptstore.format.manifest import check_cover
+    from ckptstore.options import IOOptions
+    from ckptstore.plan import LocalSpec, plan_writes
+
+    def split(n: int, parts: int) -> list[tuple[int, int]]:  # torch.chunk: ceil-sized, trailing may be empty
+        per = -(-n // parts)
+        return [(min(i * per, n), max(0, min(per, n - i * per))) for i in range(parts)]
+
+    shape = (101, 37)
+    per_rank: list[list[LocalSpec]] = []
+    for r0, rn in split(shape[0], 4):  # 4 x 3 mesh: dim 0 over 4 ranks, dim 1 over 3 + an empty shard
+        for c0, cn in split(shape[1], 3) + [(37, 0)]:
+            for _replica in range(2):
+                spec = LocalSpec("w", "float32", 4, shape, (r0, c0), (rn, cn), 0)
+                per_rank.append([spec, LocalSpec("b", "float32", 4, (5,), (0,), (5,), 1)])
+    plan = plan_writes(per_rank, save_id="00000000", options=IOOptions(chunk_bytes=512, threads=2))
+    boxes: dict[str, list] = {}
+    for f in plan.files:
+        for it in f.items:
+            if math.prod(it.shape):
+                boxes.setdefault(it.key, []).append((it.offsets, it.shape, math.prod(it.shape)))
+    assert len(boxes["w"]) > 24  # split along dim 0 inside the uneven shards
+    check_cover(shape, math.prod(shape), boxes["w"])
+    check_cover((5,), 5, boxes["b"])
