@@ -157,7 +157,7 @@ def main() -> None:
         # 48 MiB of empty lists in one JSON field: ~22x its size as Python objects; refused by the JSON budget
         # before it is parsed.
         "48 MiB of [] in metadata": sign_body(
-            body.replace(b'\n "metadata":{},', b'\n "metadata":{"x":[' + b"[]," * (16 * MiB) + b'[]]},', 1)
+            body.replace(b'\n "metadata":{},', b'\n "metadata":{"x":[' + b"[]," * (16 * MiB) + b"[]]},", 1)
         ),
     }
     for case, data in manifests.items():

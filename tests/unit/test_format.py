@@ -533,7 +533,7 @@ def test_every_layout_the_planner_writes_passes_the_cover_check() -> None:
     shape = (101, 37)
     per_rank: list[list[LocalSpec]] = []
     for r0, rn in split(shape[0], 4):  # 4 x 3 mesh: dim 0 over 4 ranks, dim 1 over 3 + an empty shard
-        for c0, cn in split(shape[1], 3) + [(37, 0)]:
+        for c0, cn in [*split(shape[1], 3), (37, 0)]:
             for _replica in range(2):
                 spec = LocalSpec("w", "float32", 4, shape, (r0, c0), (rn, cn), 0)
                 per_rank.append([spec, LocalSpec("b", "float32", 4, (5,), (0,), (5,), 1)])
