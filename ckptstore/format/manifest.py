@@ -1,25 +1,39 @@
 """The step manifest: the JSON document whose existence *is* the commit of a step.
 
-Layout (``format_version`` 1)::
+Layout (``format_version`` 1), one field per line and one tensor per line, exactly as :meth:`Manifest.to_bytes`
+writes it::
 
     {
-      "format": "ckptstore", "format_version": 1,
-      "step": 1200, "epoch": 3, "metrics": {"loss": 0.41}, "metadata": {...},
-      "created_at": 1764000000.123, "created_at_iso": "2025-...Z",
-      "world_size": 2, "save_id": "9f1c2a7b",
-      "versions": {"ckptstore": "0.1.0", "torch": "2.13.0", "python": "3.11.7"},
-      "nbytes": 123456,
-      "files": {"shard-9f1c2a7b-r0-0.safetensors": 61740, ...},
-      "tensors": {"model/fc1.weight": {"dtype": "float32", "shape": [120, 400], "device": "cpu",
-                   "pieces": [{"file": "...", "range": [8, 192008], "crc32c": "1a2b3c4d"}]}, ...},
-      "tree": {...},          # the nested state: containers, JSON leaves, references to tensors
-      "extras": {...}         # forward-compatible room (artifacts, per-rank info)
+     "format":"ckptstore",
+     "format_version":1,
+     "step":1200, "epoch":3, "metrics":{"loss":0.41}, "metadata":{...},      (each on its own line)
+     "created_at":1764000000.123, "created_at_iso":"2025-...Z",
+     "world_size":2, "save_id":"9f1c2a7b",
+     "versions":{"ckptstore":"0.1.0","torch":"2.13.0","python":"3.11.7"},
+     "nbytes":123456,
+     "files":{"shard-9f1c2a7b-r0-0.safetensors":61740,...},
+     "tensors":{
+      "model/fc1.weight":{"dtype":"float32","shape":[120,400],"device":"cpu",
+                          "pieces":[{"file":"...","range":[8,192008],"crc32c":"1a2b3c4d"}]},   (one line)
+      ...
+     },
+     "tree":{...},          # the nested state: containers, JSON leaves, references to tensors
+     "extras":{...},        # forward-compatible room (artifacts, per-rank info)
+     "manifest_crc32c":"0badf00d"
     }
 
 A piece without ``offsets``/``shape`` covers its whole tensor; otherwise it is the box
 ``[offsets[i], offsets[i] + shape[i])`` of the global tensor. ``range`` is an absolute byte range of ``file``.
 Non-finite floats (metrics, JSON leaves) are written as ``{"$float": "nan" | "inf" | "-inf"}`` so the file is
 strict JSON.
+
+Reading treats the bytes as hostile, in this order: the size cap (:data:`MAX_MANIFEST_BYTES`), then integrity
+(the trailing ``manifest_crc32c``, the crc32c of every byte before it), then structure and safety. Every tensor
+row is checked: dtype in :data:`~ckptstore.format.state.STORABLE_DTYPE_NAMES`, every piece's byte range exactly
+``elements of its box * itemsize`` bytes inside a listed file, the boxes disjoint and covering the tensor's shape
+exactly. Rows are parsed one at a time into compact tuples (interned names and shapes), never into a dict tree of
+the whole manifest, and the JSON the rest holds is costed before it is parsed, so the parse needs a bounded
+multiple of the manifest's size (see :data:`MAX_MANIFEST_BYTES`).
 """
 
 from __future__ import annotations
@@ -27,23 +41,46 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from json.decoder import scanstring as _scanstring
+from typing import Any, NamedTuple
 
 import torch
 
 from ..errors import ManifestError, UnsafeCheckpointError, UnsupportedValueError
-from .state import check_device, check_tree
+from .state import STORABLE_DTYPES, check_device, check_tree
 
 FORMAT_NAME = "ckptstore"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-STEP_DIR_RE = re.compile(r"^step-(\d{12,})$")
-#: Manifests larger than this are refused before being read (bounded memory on hostile input).
-MAX_MANIFEST_BYTES = 1 << 30
+#: Manifests larger than this are refused, by writers and readers alike (before a byte is parsed). Parsing costs
+#: (peak RSS over the bytes read, ``benchmarks/manifest_parse.py``): a realistic manifest ~2.5x its size (a
+#: 249 MiB one, 464k tensors / 1.3M pieces: +616 MiB); the worst hostile shapes the limits let through ~3x (rows
+#: or pieces as small as they get) and ~5.5x (JSON filled up to the budget below). 256 MiB is ~470k tensors.
+MAX_MANIFEST_BYTES = 256 << 20
+#: The JSON outside the tensor rows (tree, metadata, metrics, extras, ...) may cost at most
+#: ``JSON_BUDGET_RATIO * manifest size + JSON_BUDGET_BYTES`` bytes of Python objects, as estimated by
+#: :func:`json_cost` before it is parsed. Writers refuse to commit a manifest over it (:func:`check_limits`). A real
+#: model + AdamW + scheduler state is charged ~4.4x its manifest's size (its tree: small dicts, lists of ints),
+#: the benchmark's state ~1.6x; the 64 MiB floor covers every manifest up to ~10 MiB whatever its shape.
+JSON_BUDGET_RATIO = 6
+JSON_BUDGET_BYTES = 64 << 20
+#: Steps are 0 .. 2**63-1 (a step directory name has 12 to 19 digits).
+MAX_STEP = (1 << 63) - 1
+#: Largest file size, byte offset, epoch magnitude a manifest may state.
+MAX_INT64 = (1 << 63) - 1
+#: Largest ``created_at`` (9999-12-31T23:59:59Z, the last second ``datetime`` can represent).
+MAX_CREATED_AT = 253402300799.0
+MAX_WORLD_SIZE = (1 << 31) - 1
+#: Largest element count a stored tensor may declare, and largest size of one dimension (also stops
+#: shape-overflow tricks: without a bound, a hostile shape of 100k huge dimensions makes the product take minutes).
+MAX_NUMEL = 1 << 62
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+#: The canonical step directory name: ``step-`` and 12 to 19 ASCII digits (see :func:`parse_step_dir`).
+STEP_DIR_RE = re.compile(r"step-([0-9]{12,19})")
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 def step_dir(step: int) -> str:
@@ -53,16 +90,27 @@ def step_dir(step: int) -> str:
     return f"step-{step:012d}"
 
 
-def parse_step_dir(name: str) -> int | None:
-    m = STEP_DIR_RE.match(name.rstrip("/"))
-    return int(m.group(1)) if m else None
+def parse_step_dir(name: object) -> int | None:
+    """The step of a step directory name, or None when ``name`` is not exactly what :func:`step_dir` builds.
+
+    Only the canonical spelling counts (ASCII digits, 12 digits of zero padding, no extra leading zero, no
+    trailing ``/``): ``step-0000000000005`` or ``step-`` followed by Arabic-Indic digits would otherwise be listed
+    as step 5 and then looked up under ``step-000000000005``, another name.
+    """
+    if not isinstance(name, str):
+        return None
+    m = STEP_DIR_RE.fullmatch(name)
+    if m is None:
+        return None
+    step = int(m.group(1))
+    return step if step <= MAX_STEP and step_dir(step) == name else None
 
 
 def check_file_name(name: object) -> str:
     """A manifest file reference must be a plain name inside the step prefix."""
     if not isinstance(name, str) or not name:
         raise ManifestError(f"file reference {name!r} is not a non-empty string")
-    if "/" in name or "\\" in name or name in (".", "..") or ":" in name or not _SAFE_NAME.match(name):
+    if "/" in name or "\\" in name or name in (".", "..") or ":" in name or not _SAFE_NAME.fullmatch(name):
         raise UnsafeCheckpointError(
             f"manifest refers to file {name!r}, which is not a plain name inside the step prefix; refusing to read it"
         )
@@ -70,6 +118,7 @@ def check_file_name(name: object) -> str:
 
 
 def dtype_from_name(name: object) -> torch.dtype:
+    """A ``torch.dtype`` named in the state tree (a JSON value, not tensor data): any dtype torch knows."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ManifestError(f"invalid dtype {name!r}")
     dt = getattr(torch, name, None)
@@ -78,8 +127,28 @@ def dtype_from_name(name: object) -> torch.dtype:
     return dt
 
 
+def tensor_dtype(name: object, where: str = "manifest") -> torch.dtype:
+    """The dtype of stored tensor data: only :data:`~ckptstore.format.state.STORABLE_DTYPES`, canonical names."""
+    dt = STORABLE_DTYPES.get(name) if isinstance(name, str) else None
+    if dt is None:
+        if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+            raise ManifestError(
+                f"{where}: dtype {name!r} is not one ckptstore stores (quantized and packed dtypes are refused, and "
+                "dtypes are spelled as str(dtype) without 'torch.'); the manifest is hostile or damaged"
+            )
+        raise ManifestError(f"{where}: unknown dtype {name!r}")
+    return dt
+
+
 def dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
+    """The canonical name stored for tensors of ``dt``; ``UnsupportedValueError`` for dtypes ckptstore refuses."""
+    name = str(dt).removeprefix("torch.")
+    if STORABLE_DTYPES.get(name) is not dt:
+        raise UnsupportedValueError(
+            f"tensors of dtype {dt} cannot be stored (quantized and packed dtypes are refused); convert them, e.g. "
+            "t.int_repr() / t.dequantize(), or store them with allow_pickle=True"
+        )
+    return name
 
 
 # -- JSON values with non-finite floats ----------------------------------------------------------------------
@@ -108,15 +177,34 @@ def encode_json(value: Any, where: str = "value") -> Any:
 
 
 def decode_json(value: Any) -> Any:
+    """Undo :func:`encode_json`: tagged non-finite floats back to floats. Works in place on the containers of
+    ``value`` (parsed JSON, owned by the caller), so decoding a huge metadata tree never copies it."""
     if isinstance(value, dict):
         if len(value) == 1 and "$float" in value:
-            if value["$float"] not in ("nan", "inf", "-inf"):
-                raise ManifestError(f"invalid tagged float {value['$float']!r}")
-            return float(value["$float"])
-        return {k: decode_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [decode_json(v) for v in value]
+            return _tagged_float(value["$float"])
+        stack: list[Any] = [value]
+    elif isinstance(value, list):
+        stack = [value]
+    else:
+        return value
+    while stack:  # iterative: no recursion limit on deep (already depth-checked by json) trees
+        node = stack.pop()
+        # Replacing the value of an existing key (or list slot) while iterating is safe: the size never changes.
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(v, dict):
+                if len(v) == 1 and "$float" in v:
+                    node[k] = _tagged_float(v["$float"])
+                else:
+                    stack.append(v)
+            elif isinstance(v, list):
+                stack.append(v)
     return value
+
+
+def _tagged_float(tag: Any) -> float:
+    if not isinstance(tag, str) or tag not in ("nan", "inf", "-inf"):
+        raise ManifestError(f"invalid tagged float {tag!r:.100}")
+    return float(tag)
 
 
 def _reject_constant(c: str) -> Any:
@@ -124,8 +212,9 @@ def _reject_constant(c: str) -> Any:
 
 
 # -- data classes ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Piece:
+# Tuples, not dataclasses: a manifest of a million tensors holds millions of pieces, and a tuple is both the
+# smallest object with named fields (no per-instance dict) and the fastest to build while parsing.
+class Piece(NamedTuple):
     file: str
     start: int
     end: int
@@ -145,8 +234,7 @@ class Piece:
         return d
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     dtype: str
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
@@ -155,11 +243,11 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return dtype_from_name(self.dtype)
+        return tensor_dtype(self.dtype)
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.pieces)
+        return sum(p.end - p.start for p in self.pieces)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape), "device": self.device}
@@ -167,6 +255,10 @@ class TensorEntry:
             d["encoding"] = self.encoding
         d["pieces"] = [p.to_json() for p in self.pieces]
         return d
+
+
+_new_piece = tuple.__new__
+_new_entry = tuple.__new__
 
 
 @dataclass
@@ -194,8 +286,13 @@ class Manifest:
         return any(t.encoding == "pickle" for t in self.tensors.values())
 
     def to_bytes(self) -> bytes:
+        """The manifest's bytes. Refuses (typed errors) to encode what a reader would refuse: see
+        :func:`check_limits` — a step, epoch or time out of range or a tensor dtype ckptstore does not store
+        (``UnsupportedValueError``), a manifest over :data:`MAX_MANIFEST_BYTES` or the JSON budget
+        (``ManifestError``)."""
         import datetime as dt
 
+        _check_encodable(self)
         doc = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
@@ -217,33 +314,125 @@ class Manifest:
         # One field per line and one tensor per line: compact for 10k-tensor states, still readable and diffable.
         enc = _ENCODER.encode
         lines = []
+        cost = 0  # what the reader's JSON budget will charge for the lines that are not tensor rows
         for k, v in doc.items():
             if k == "tensors":
                 memo: dict[str, str] = {}  # dtype, device and file names repeat across thousands of rows
                 rows = [f"  {_json_str(tk)}:{_tensor_json(te, memo)}" for tk, te in self.tensors.items()]
                 lines.append(' "tensors":{\n' + ",\n".join(rows) + "\n }" if rows else ' "tensors":{}')
             else:
-                lines.append(f" {enc(k)}:{enc(v)}")
+                try:
+                    value = enc(v)
+                except (ValueError, TypeError, RecursionError) as e:
+                    raise UnsupportedValueError(f"manifest field {k!r} cannot be encoded as JSON: {e}") from None
+                cost += json_cost(value)
+                lines.append(f" {enc(k)}:{value}")
         body = ("{\n" + ",\n".join(lines)).encode()
         # The manifest checksums itself: its last field is the crc32c of every byte before it, so a bit flip
         # that still parses as a valid manifest (1000 -> 1001, a renamed key) is caught too.
-        return body + _CRC_FIELD + f'{_crc32c(body):08x}"\n}}\n'.encode()
+        data = body + _CRC_FIELD + f'{_crc32c(body):08x}"\n}}\n'.encode()
+        check_limits(len(data), cost, where=f"the manifest of step {self.step}")
+        return data
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "manifest") -> Manifest:
-        """Parse and validate; every structural problem is a ``ManifestError``, unsafe paths are refused."""
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{where}: {len(data)} bytes is larger than the {MAX_MANIFEST_BYTES} allowed")
+        """Parse and validate; every structural problem is a ``ManifestError``, unsafe paths are refused
+        (``UnsafeCheckpointError``). Integrity (the trailing ``manifest_crc32c``) is checked first: a damaged
+        manifest is always a ``ManifestError``, never mistaken for a hostile one."""
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        check_limits(len(data), where=where)
         try:
-            doc = json.loads(data, parse_constant=_reject_constant)
-        except ManifestError as e:
-            raise ManifestError(f"{where}: {e}") from None
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ManifestError(f"{where} is not valid JSON ({e}); the step is damaged or not committed") from None
-        m = _from_doc(doc, where)
-        # Checked after the structural validation, so hostile input still gets its specific error.
-        _check_self_crc(data, doc, where)
-        return m
+            body_end = _check_self_crc(data, where)
+            return _Reader(data, body_end, where).read()
+        except MemoryError:
+            raise ManifestError(
+                f"{where}: out of memory parsing a {len(data)}-byte manifest; free memory or raise the limits"
+            ) from None
+        except RecursionError:
+            raise ManifestError(f"{where}: JSON nested too deeply; the manifest is damaged or hostile") from None
+
+
+def _json_budget(size: int) -> int:
+    return JSON_BUDGET_RATIO * size + JSON_BUDGET_BYTES
+
+
+def check_limits(size: int, json_cost_bytes: int = 0, *, where: str = "manifest") -> None:
+    """The limits readers apply, for writers too: ``ManifestError`` when a manifest of ``size`` bytes, whose
+    JSON outside the tensor rows costs ``json_cost_bytes`` (:func:`json_cost`), would be refused."""
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{where}: {size} bytes is larger than the {MAX_MANIFEST_BYTES} bytes a manifest may have "
+            "(ckptstore.format.manifest.MAX_MANIFEST_BYTES); store fewer, larger tensors or less metadata"
+        )
+    if json_cost_bytes > _json_budget(size):
+        raise ManifestError(
+            f"{where}: its JSON values (state tree, metadata, metrics, extras) would need about {json_cost_bytes} "
+            f"bytes of memory to parse, more than the {_json_budget(size)} allowed for a {size}-byte manifest; "
+            "keep big lists of small values out of the state tree and metadata (store them as tensors)"
+        )
+
+
+def json_cost(s: str | bytes, start: int = 0, end: int | None = None, *, ascii: bool | None = None) -> int:
+    """An upper bound of the memory (bytes) ``json.loads`` needs for the JSON text ``s[start:end]`` (its objects
+    plus the decoded text), from a count of its structural characters, without parsing it. Costs charged (CPython
+    3.11, 64-bit, measured): a dict 96 + 96 per entry, a list 64, 16 per element slot, 64 per string header, 32
+    per number, and the text twice (the decoded line and the strings' characters): 4x with ``\\u`` escapes
+    (2 bytes per character), 10x with non-ASCII bytes or escaped surrogate pairs (4 bytes per character).
+    ``ascii``: whether the whole of ``s`` is known to be ASCII (else it is checked).
+
+    Measured against ``tracemalloc``: a realistic state tree (``benchmarks/manifest_parse.py``) is charged ~9x its
+    bytes (it takes 5.5x), a list of ``[]`` ~45x (takes 23x), a dict of distinct keys ~20x (10x), 1-key dicts
+    ~20x (17.5x), lists of ints 6-26x (5x): never less than the real cost."""
+    if end is None:
+        end = len(s)
+    if isinstance(s, str):
+        lb, lk, cm, qt, cl, esc = "{", "[", ",", '"', ":", "\\u"
+    else:
+        lb, lk, cm, qt, cl, esc = b"{", b"[", b",", b'"', b":", b"\\u"
+    if ascii is None:
+        ascii = (s if start == 0 and end == len(s) else s[start:end]).isascii()
+    factor = 1
+    if not ascii:
+        factor = 5  # a str may take 4 bytes per character
+    elif s.count(esc, start, end):  # type: ignore[arg-type]
+        # \\uXXXX escapes: 2 bytes per character, 4 with a surrogate pair (a character past U+FFFF)
+        pairs = [b"\\u" + h for h in (b"d8", b"d9", b"da", b"db", b"D8", b"D9", b"DA", b"DB")]
+        if isinstance(s, str):
+            pairs = [p.decode() for p in pairs]  # type: ignore[misc]
+        factor = 5 if any(s.count(p, start, end) for p in pairs) else 2  # type: ignore[arg-type]
+    objs, lists = s.count(lb, start, end), s.count(lk, start, end)  # type: ignore[arg-type]
+    commas, colons = s.count(cm, start, end), s.count(cl, start, end)  # type: ignore[arg-type]
+    strings = s.count(qt, start, end) // 2  # type: ignore[arg-type]
+    items = commas + objs + lists + 1  # every value or entry is preceded by "," or opens its container
+    numbers = max(commas + 1 + colons - strings, 0)  # items that are neither strings nor keys (an upper bound)
+    text = 2 * factor * (end - start)
+    return text + 120 * objs + 64 * (colons + lists + strings) + 16 * items + 32 * numbers
+
+
+def _check_encodable(m: Manifest) -> None:
+    """Writer side: the header values a reader refuses."""
+
+    def bad_int(v: Any, lo: int, hi: int) -> bool:
+        return isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi
+
+    if bad_int(m.step, 0, MAX_STEP):
+        raise UnsupportedValueError(f"step must be an int in 0..{MAX_STEP}, got {m.step!r}")
+    if m.epoch is not None and bad_int(m.epoch, -MAX_INT64, MAX_INT64):
+        raise UnsupportedValueError(f"epoch must be None or an int in -2**63+1..2**63-1, got {m.epoch!r}")
+    if bad_int(m.world_size, 1, MAX_WORLD_SIZE):
+        raise UnsupportedValueError(f"world_size must be an int in 1..{MAX_WORLD_SIZE}, got {m.world_size!r}")
+    c = m.created_at
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= MAX_CREATED_AT:
+        raise UnsupportedValueError(f"created_at must be a Unix time between 0 and {MAX_CREATED_AT:.0f}, got {c!r}")
+    for dtype, encoding in {(t.dtype, t.encoding) for t in m.tensors.values()}:
+        if dtype not in STORABLE_DTYPES:
+            raise UnsupportedValueError(
+                f"tensors of dtype {dtype!r} cannot be stored (quantized and packed dtypes are refused); convert them, "
+                "e.g. t.int_repr() / t.dequantize(), or store them with allow_pickle=True"
+            )
+        if encoding not in ("raw", "pickle") or (encoding == "pickle" and dtype != "uint8"):
+            raise UnsupportedValueError(f"invalid tensor encoding {encoding!r} for dtype {dtype!r}")
 
 
 # One encoder for every line: json.dumps with options builds a new JSONEncoder per call (10k tensors = 20k).
@@ -283,164 +472,623 @@ def _tensor_json(t: TensorEntry, memo: dict[str, str] | None = None) -> str:
 
 
 _CRC_FIELD = b',\n "manifest_crc32c":"'
+_CRC_TAIL = b'"\n}\n'
+_HEX8 = re.compile(rb"[0-9a-f]{8}")
 
 
-def _crc32c(data: bytes) -> int:
+def _crc32c(data: bytes | memoryview) -> int:
     import crc32c
 
     return int(crc32c.crc32c(data))
 
 
-def _check_self_crc(data: bytes, doc: dict[str, Any], where: str) -> None:
-    idx = data.rfind(_CRC_FIELD)
-    want = doc.get("manifest_crc32c")
-    if idx < 0 or not isinstance(want, str) or not re.fullmatch(r"[0-9a-f]{8}", want):
-        raise ManifestError(f"{where}: missing or malformed manifest_crc32c; the manifest is damaged")
-    if data[idx + len(_CRC_FIELD) :] != f'{want}"\n}}\n'.encode():
-        raise ManifestError(f"{where}: manifest_crc32c is not the last field; the manifest is damaged")
-    got = _crc32c(data[:idx])
+def _check_self_crc(data: bytes, where: str) -> int:
+    """Integrity first: the manifest ends with ``,\\n "manifest_crc32c":"<8 hex>"\\n}\\n``, the crc32c of every
+    byte before that field. Returns where that field starts (the end of the checksummed body)."""
+    n = len(data)
+    body_end = n - len(_CRC_FIELD) - 8 - len(_CRC_TAIL)
+    if (
+        body_end < 0
+        or not data.endswith(_CRC_TAIL)
+        or not data.startswith(_CRC_FIELD, body_end)
+        or not _HEX8.fullmatch(data, body_end + len(_CRC_FIELD), n - len(_CRC_TAIL))
+    ):
+        raise ManifestError(
+            f"{where}: missing or malformed manifest_crc32c (it must be the last field); the manifest is damaged, "
+            "truncated or not written by ckptstore"
+        )
+    want = data[n - len(_CRC_TAIL) - 8 : n - len(_CRC_TAIL)].decode()
+    got = _crc32c(memoryview(data)[:body_end])
     if got != int(want, 16):
         raise ManifestError(
             f"{where}: manifest checksum mismatch (crc32c {got:08x}, recorded {want}); the manifest is damaged"
         )
+    return body_end
 
 
-def _req(doc: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
-    if key not in doc:
-        raise ManifestError(f"{where}: missing field {key!r}")
-    v = doc[key]
-    if not isinstance(v, types) or (
-        isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))
-    ):
-        raise ManifestError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
-    return v
+# -- the reader --------------------------------------------------------------------------------------------------
+# A tensor row exactly as ``_tensor_json`` writes it; anything else goes through ``json`` (``_Reader._row_json``),
+# which accepts every equivalent JSON spelling and gives the precise error. Strings: JSON strings without raw
+# control characters; integers: JSON integers of at most 19 digits (nothing larger fits a shape or an offset).
+_S = r'"((?:[^"\\\x00-\x1f]++|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*+)"'
+_N = r"(0|[1-9][0-9]{0,18})"
+_L = r"\[((?:0|[1-9][0-9]{0,18})(?:,(?:0|[1-9][0-9]{0,18}))*+)?\]"
+_ROW_RE = re.compile(
+    r"  "
+    + _S
+    + r':\{"dtype":'
+    + _S
+    + r',"shape":'
+    + _L
+    + r',"device":'
+    + _S
+    + r'(?:,"encoding":'
+    + _S
+    + r')?,"pieces":\['
+)
+_PIECE_RE = re.compile(
+    r'\{"file":' + _S + r',"range":\[' + _N + "," + _N + r'\],"crc32c":"([0-9a-f]{8})"'
+    r'(?:,"offsets":' + _L + r',"shape":' + _L + r")?\}"
+)
+_FIELD_RE = re.compile(rb' "([A-Za-z0-9_]+)":')
+_WS = re.compile(r"[ \t\n\r]*")
+_HEX8_S = re.compile(r"[0-9a-f]{8}")
 
 
-def _int_list(v: Any, what: str, where: str) -> tuple[int, ...]:
-    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
-        raise ManifestError(f"{where}: {what} must be a list of non-negative integers, got {v!r}")
-    return tuple(v)
+def _unescape(raw: str) -> str:
+    return _scanstring(raw + '"', 0)[0] if "\\" in raw else raw
 
 
-#: Largest element count a stored tensor may declare (also stops shape-overflow tricks: without a bound, a
-#: hostile shape of 100k huge dimensions makes the product take minutes of CPU).
-MAX_NUMEL = 1 << 62
+def _int(v: Any, lo: int, hi: int) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and lo <= v <= hi
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    if 0 in shape:
-        return 0
-    n = 1
-    for s in shape:
-        n *= s
-        if n > MAX_NUMEL:
-            raise ManifestError(f"shape with {len(shape)} dimensions has more than 2**62 elements")
-    return n
+class _Reader:
+    """One parse: interning tables, the JSON budget, the tensor table being built."""
 
+    def __init__(self, data: bytes, body_end: int, where: str) -> None:
+        self.data = data
+        self.end = body_end
+        self.where = where
+        self.budget = _json_budget(len(data))
+        self.json_used = 0
+        self.ascii = data.isascii()  # what ckptstore writes
+        self.decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        self.tensors: dict[str, TensorEntry] = {}
+        self.files: dict[str, int] | None = None
+        self.unchecked: list[str] = []  # tensors read before "files": their pieces are checked at the end
+        # Interning: names, dtypes, devices and shapes repeat across thousands of rows.
+        self.raw_names: dict[str, str] = {}
+        self.names: dict[str, str] = {}
+        self.raw_ints: dict[str | None, tuple[tuple[int, ...], int]] = {}
+        self.ints: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
+        self.dtypes: dict[str, tuple[str, int]] = {}
+        self.devices: dict[str, str] = {}
 
-def _from_doc(doc: Any, where: str) -> Manifest:
-    if not isinstance(doc, dict):
-        raise ManifestError(f"{where}: top level must be a JSON object")
-    if doc.get("format") != FORMAT_NAME:
-        raise ManifestError(f"{where}: not a ckptstore manifest (format={doc.get('format')!r})")
-    version = _req(doc, "format_version", int, where)
-    if version > FORMAT_VERSION:
-        raise ManifestError(
-            f"{where}: format_version {version} was written by a newer ckptstore (this one reads up to "
-            f"{FORMAT_VERSION}); upgrade ckptstore to read it"
-        )
-    if version < 1:
-        raise ManifestError(f"{where}: invalid format_version {version}")
-    step = _req(doc, "step", int, where)
-    files_doc = _req(doc, "files", dict, where)
-    files: dict[str, int] = {}
-    for name, size in files_doc.items():
-        check_file_name(name)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ManifestError(f"{where}: size of file {name!r} must be a non-negative integer")
-        files[name] = size
-    tensors: dict[str, TensorEntry] = {}
-    for key, t in _req(doc, "tensors", dict, where).items():
-        w = f"{where}: tensor {key!r}"
-        if not isinstance(t, dict):
-            raise ManifestError(f"{w} is not an object")
-        dtype = t.get("dtype")
-        dt = dtype_from_name(dtype)
-        shape = _int_list(t.get("shape"), "shape", w)
+    def bad(self, msg: str) -> ManifestError:
+        return ManifestError(f"{self.where}: {msg}")
+
+    def charge(self, cost: int, what: str, *, transient: bool = False) -> None:
+        if (cost if transient else self.json_used + cost) > self.budget:
+            raise self.bad(
+                f"{what} would need about {cost} bytes of memory to parse, more than the {self.budget} bytes allowed "
+                f"for a {len(self.data)}-byte manifest; the manifest is hostile or damaged"
+            )
+        if not transient:
+            self.json_used += cost
+
+    # -- the two layouts ----------------------------------------------------------------------------------
+    def read(self) -> Manifest:
+        if self.data.startswith(b"{\n "):
+            fields = self._read_lines()
+        else:  # any other JSON spelling (hand-made manifests): parsed whole, within the same budget
+            fields = self._read_any()
+        return self._finish(fields)
+
+    def _read_lines(self) -> dict[str, Any]:
+        data, end = self.data, self.end
+        mv = memoryview(data)
+        fields: dict[str, Any] = {}
+        pos, more = 2, True
+        while pos < end:
+            if not more:
+                raise self.bad("a field follows the last one (a ',' is missing)")
+            eol = data.find(b"\n", pos, end)
+            if eol < 0:
+                eol = end
+            m = _FIELD_RE.match(data, pos, eol)
+            if m is None:
+                raise self.bad(
+                    f"line at byte {pos} is not a field line ' \"name\":value' (the layout ckptstore writes: one "
+                    "field per line, one tensor per line)"
+                )
+            key = m.group(1).decode()
+            if key in fields:
+                raise self.bad(f"duplicate field {key!r}")
+            vpos = m.end()
+            tail: str | bytes
+            if key == "tensors":
+                self._check_format(fields)
+                rest = data[vpos:eol].strip(b" \t\r")
+                if rest == b"{":  # then one row per line
+                    eol, tail = self._read_rows(eol + 1)
+                elif rest.startswith(b"{") and rest[1:].lstrip(b" \t").startswith(b"}"):
+                    tail = rest[1:].lstrip(b" \t")[1:].strip(b" \t")
+                else:
+                    raise self.bad("field 'tensors' must be an object with one tensor per line")
+                fields[key] = None
+            else:
+                self.charge(json_cost(data, vpos, eol, ascii=self.ascii), f"field {key!r}")
+                text = str(mv[vpos:eol], "utf-8")
+                try:
+                    value, i = self.decoder.raw_decode(text, _WS.match(text).end())
+                except ValueError as e:
+                    raise self.bad(f"field {key!r} is not valid JSON on its line ({e})") from None
+                tail = text[_WS.match(text, i).end() :]
+                del text
+                fields[key] = value
+                if key == "files":
+                    self.files = self._files(value)
+            if tail in (",", b","):
+                more = True
+            elif tail in ("", b""):
+                more = False
+            else:
+                raise self.bad(f"unexpected text after field {key!r}")
+            pos = eol + 1
+        if more:
+            raise self.bad("the manifest ends after a ','")
+        return fields
+
+    def _read_rows(self, pos: int) -> tuple[int, bytes]:
+        """Tensor rows, one per line, up to the line `` }``; returns that line's end and what follows the brace."""
+        data, end = self.data, self.end
+        mv = memoryview(data)
+        comma: bool | None = None  # did the previous row end with ","? (None: no row yet)
+        while pos < end:
+            eol = data.find(b"\n", pos, end)
+            if eol < 0:
+                eol = end
+            if data.startswith(b" }", pos):
+                if comma:
+                    raise self.bad("the last tensor row ends with ','")
+                return eol, data[pos + 2 : eol].strip(b" \t\r")
+            if comma is False:
+                raise self.bad("a ',' is missing between two tensor rows")
+            comma = self._row(str(mv[pos:eol], "utf-8"))
+            pos = eol + 1
+        raise self.bad("the tensors object is not closed")
+
+    def _read_any(self) -> dict[str, Any]:
+        data = self.data
+        self.charge(json_cost(data, ascii=self.ascii), "the manifest (not in the line layout ckptstore writes)")
         try:
-            numel = _numel(shape)  # bounded: a box inside the shape has at most as many elements
+            doc = json.loads(str(memoryview(data), "utf-8"), parse_constant=_reject_constant)
         except ManifestError as e:
-            raise ManifestError(f"{w}: {e}") from None
-        encoding = t.get("encoding", "raw")
-        if encoding not in ("raw", "pickle"):
-            raise ManifestError(f"{w}: unknown encoding {encoding!r}")
+            raise self.bad(str(e)) from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int/str digit limits
+            raise self.bad(f"not valid JSON ({e}); the step is damaged or not committed") from None
+        if not isinstance(doc, dict):
+            raise self.bad("top level must be a JSON object")
+        self._check_format(doc)
+        if isinstance(doc.get("files"), dict):
+            self.files = self._files(doc["files"])
+        rows = self._req(doc, "tensors", dict)
+        doc["tensors"] = None
+        for key in list(rows):
+            self._row_dict(key, rows.pop(key))
+        return doc
+
+    # -- one tensor row -------------------------------------------------------------------------------------
+    def _row(self, s: str) -> bool:
+        """Parse one row line; returns whether it ends with ','."""
+        m = _ROW_RE.match(s)
+        if m is None:
+            return self._row_json(s)
+        key_raw, dt_raw, shape_raw, dev_raw, enc_raw = m.groups()
+        key = _scanstring(key_raw + '"', 0)[0] if "\\" in key_raw else key_raw
+        dt = self.dtypes.get(dt_raw) or self._dtype(_unescape(dt_raw), f"tensor {key!r}")
+        sh = self.raw_ints.get(shape_raw) or self._raw_ints(shape_raw)
+        dev = self.devices.get(dev_raw) or self._device(_unescape(dev_raw), f"tensor {key!r}")
+        enc = "raw" if enc_raw is None else self._encoding(_unescape(enc_raw), dt[0], sh[0], f"tensor {key!r}")
+        pieces: list[Piece] = []
+        boxes: list[_Box] = []
+        pos = m.end()
+        if not s.startswith("]}", pos):
+            match, names, ints, files = _PIECE_RE.match, self.raw_names, self.raw_ints, self.files
+            shape, numel = sh
+            nbytes = numel * dt[1]
+            itemsize = dt[1]
+            while True:
+                pm = match(s, pos)
+                if pm is None:
+                    return self._row_json(s)
+                f_raw, a, b, crc, o_raw, b_raw = pm.groups()
+                fname = names.get(f_raw) or self._raw_name(f_raw)
+                start, end = int(a), int(b)
+                size = files.get(fname, -1) if files is not None else -1
+                # The common cases inline; anything unusual goes through _piece, which has the precise errors.
+                if o_raw is None and b_raw is None:
+                    if start <= end <= size and end - start == nbytes:
+                        if numel:
+                            boxes.append(((0,) * len(shape), shape, numel))
+                        pieces.append(_new_piece(Piece, (fname, start, end, int(crc, 16), None, None)))
+                    else:
+                        pieces.append(
+                            self._piece(f"tensor {key!r}", dt, sh, fname, start, end, int(crc, 16), None, boxes)
+                        )
+                else:
+                    box = (ints.get(o_raw) or self._raw_ints(o_raw), ints.get(b_raw) or self._raw_ints(b_raw))
+                    offs, bshape, n = box[0][0], box[1][0], box[1][1]
+                    if (
+                        start <= end <= size
+                        and end - start == n * itemsize
+                        and len(offs) == len(shape) == len(bshape)
+                        and (
+                            offs[0] + bshape[0] <= shape[0] and offs[1] + bshape[1] <= shape[1]
+                            if len(shape) == 2  # the usual chunk of a matrix, without a generator
+                            else all(o + x <= g for o, x, g in zip(offs, bshape, shape))
+                        )
+                    ):
+                        if n:
+                            boxes.append((offs, bshape, n))
+                        pieces.append(_new_piece(Piece, (fname, start, end, int(crc, 16), offs, bshape)))
+                    else:
+                        pieces.append(
+                            self._piece(f"tensor {key!r}", dt, sh, fname, start, end, int(crc, 16), box, boxes)
+                        )
+                pos = pm.end()
+                if s.startswith(",", pos):
+                    pos += 1
+                    continue
+                break
+            if not s.startswith("]}", pos):
+                return self._row_json(s)
+        tail = s[pos + 2 :]
+        if tail not in ("", ","):
+            return self._row_json(s)
+        self._add(key, dt[0], sh, dev, enc, pieces, boxes)
+        return tail == ","
+
+    def _row_json(self, s: str) -> bool:
+        """A row line in any JSON spelling (and the precise error for a malformed one)."""
+        self.charge(json_cost(s), "a tensor row", transient=True)
+        i = _WS.match(s).end()
+        try:
+            if not s.startswith('"', i):
+                raise ValueError("expected a tensor key")
+            key, i = _scanstring(s, i + 1)
+            i = _WS.match(s, i).end()
+            if not s.startswith(":", i):
+                raise ValueError("expected ':'")
+            row, i = self.decoder.raw_decode(s, _WS.match(s, i + 1).end())
+        except ValueError as e:
+            raise self.bad(f"tensor row is not valid JSON ({e}): {s[:200]!r}") from None
+        tail = s[_WS.match(s, i).end() :]
+        if tail not in ("", ","):
+            raise self.bad(f"unexpected text after the row of tensor {key!r}")
+        self._row_dict(key, row)
+        return tail == ","
+
+    def _row_dict(self, key: Any, t: Any) -> None:
+        if not isinstance(key, str):
+            raise self.bad(f"tensor key {key!r} is not a string")
+        w = f"tensor {key!r}"
+        if not isinstance(t, dict):
+            raise self.bad(f"{w} is not an object")
+        dt = self._dtype(t.get("dtype"), w)
+        sh = self._ints(t.get("shape"), "shape", w)
+        dev = self._device(t.get("device", "cpu"), w)
+        enc = self._encoding(t.get("encoding", "raw"), dt[0], sh[0], w)
         pieces_doc = t.get("pieces")
         if not isinstance(pieces_doc, list):
-            raise ManifestError(f"{w}: pieces must be a list")
-        pieces = []
-        covered = 0
+            raise self.bad(f"{w}: pieces must be a list")
+        pieces: list[Piece] = []
+        boxes: list[_Box] = []
         for p in pieces_doc:
             if not isinstance(p, dict):
-                raise ManifestError(f"{w}: piece is not an object")
-            fname = check_file_name(p.get("file"))
-            if fname not in files:
-                raise ManifestError(f"{w}: piece refers to file {fname!r} that the manifest does not list")
-            rng = _int_list(p.get("range"), "range", w)
-            if len(rng) != 2 or rng[0] > rng[1] or rng[1] > files[fname]:
-                raise ManifestError(f"{w}: byte range {list(rng)} lies outside file {fname!r} ({files[fname]} B)")
-            crc_s = p.get("crc32c")
-            if not isinstance(crc_s, str) or not re.fullmatch(r"[0-9a-f]{8}", crc_s):
-                raise ManifestError(f"{w}: crc32c must be 8 hex digits")
-            offs = shp = None
+                raise self.bad(f"{w}: piece is not an object")
+            fname = self._name(p.get("file"))
+            rng = p.get("range")
+            if not isinstance(rng, list) or len(rng) != 2 or not all(_int(x, 0, MAX_INT64) for x in rng):
+                raise self.bad(f"{w}: byte range {rng!r:.100} must be [start, end], non-negative integers")
+            crc = p.get("crc32c")
+            if not isinstance(crc, str) or not _HEX8_S.fullmatch(crc):
+                raise self.bad(f"{w}: crc32c must be 8 lowercase hex digits")
+            box = None
             if "offsets" in p or "shape" in p:
-                offs = _int_list(p.get("offsets"), "piece offsets", w)
-                shp = _int_list(p.get("shape"), "piece shape", w)
-                if len(offs) != len(shape) or len(shp) != len(shape):
-                    raise ManifestError(f"{w}: piece box rank does not match the tensor's")
-                if any(o + s > g for o, s, g in zip(offs, shp, shape)):
-                    raise ManifestError(f"{w}: piece box {list(offs)}+{list(shp)} exceeds shape {list(shape)}")
-            box_numel = _numel(shp) if shp is not None else numel
-            if encoding == "raw" and box_numel * dt.itemsize != rng[1] - rng[0]:
-                raise ManifestError(f"{w}: piece byte range does not match its shape and dtype")
-            covered += box_numel
-            pieces.append(Piece(fname, rng[0], rng[1], int(crc_s, 16), offs, shp))
-        if encoding == "raw" and pieces and covered < numel:
-            raise ManifestError(f"{w}: pieces cover {covered} of {numel} elements")
-        device = t.get("device", "cpu")
-        check_device(device, w)
-        tensors[key] = TensorEntry(dtype_name(dt), shape, tuple(pieces), device, encoding)
-    epoch = doc.get("epoch")
-    if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
-        raise ManifestError(f"{where}: epoch must be an integer or null")
-    metrics = doc.get("metrics") or {}
-    metadata = doc.get("metadata") or {}
-    if not isinstance(metrics, dict) or not isinstance(metadata, dict):
-        raise ManifestError(f"{where}: metrics and metadata must be objects")
-    created_at = doc.get("created_at", 0.0)
-    if not isinstance(created_at, (int, float)) or isinstance(created_at, bool):
-        raise ManifestError(f"{where}: created_at must be a number")
-    world_size = doc.get("world_size", 1)
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ManifestError(f"{where}: world_size must be a positive integer")
-    versions = doc.get("versions") or {}
-    extras = doc.get("extras") or {}
-    if not isinstance(versions, dict) or not isinstance(extras, dict):
-        raise ManifestError(f"{where}: versions and extras must be objects")
-    if "tree" not in doc:
-        raise ManifestError(f"{where}: missing field 'tree'")
-    check_tree(doc["tree"], tensors, where)
-    return Manifest(
-        step=step,
-        tree=doc["tree"],
-        tensors=tensors,
-        files=files,
-        epoch=epoch,
-        metrics=decode_json(metrics),
-        metadata=decode_json(metadata),
-        created_at=float(created_at),
-        world_size=world_size,
-        save_id=str(doc.get("save_id", "")),
-        versions={str(k): str(v) for k, v in versions.items()},
-        extras=extras,
-        format_version=version,
-    )
+                box = (self._ints(p.get("offsets"), "piece offsets", w), self._ints(p.get("shape"), "piece shape", w))
+            pieces.append(self._piece(w, dt, sh, fname, rng[0], rng[1], int(crc, 16), box, boxes))
+        self._add(key, dt[0], sh, dev, enc, pieces, boxes)
+
+    def _piece(
+        self,
+        w: str,
+        dt: tuple[str, int],
+        sh: tuple[tuple[int, ...], int],
+        fname: str,
+        start: int,
+        end: int,
+        crc: int,
+        box: tuple[tuple[tuple[int, ...], int], tuple[tuple[int, ...], int]] | None,
+        boxes: list[_Box],
+    ) -> Piece:
+        if not start <= end <= MAX_INT64:
+            raise self.bad(f"{w}: invalid byte range [{start}, {end}]")
+        files = self.files
+        if files is not None:
+            size = files.get(fname)
+            if size is None:
+                raise self.bad(f"{w}: piece refers to file {fname!r} that the manifest does not list")
+            if end > size:
+                raise self.bad(f"{w}: byte range [{start}, {end}] lies outside file {fname!r} ({size} B)")
+        shape, numel = sh
+        if box is None:
+            n = numel
+            if n:
+                boxes.append(((0,) * len(shape), shape, n))
+            offs = bshape = None
+        else:
+            (offs, _), (bshape, n) = box
+            if len(offs) != len(shape) or len(bshape) != len(shape):
+                raise self.bad(f"{w}: piece box rank does not match the tensor's")
+            for o, s, g in zip(offs, bshape, shape):
+                if o + s > g:
+                    raise self.bad(f"{w}: piece box {list(offs)}+{list(bshape)} exceeds shape {list(shape)}")
+            if n:
+                boxes.append((offs, bshape, n))
+        # Exactly the bytes of the box: readers size every buffer from it, so a mismatch could read past one.
+        if n * dt[1] != end - start:
+            raise self.bad(
+                f"{w}: piece byte range [{start}, {end}] does not match its shape and dtype "
+                f"({n} x {dt[0]} = {n * dt[1]} bytes)"
+            )
+        return _new_piece(Piece, (fname, start, end, crc, offs, bshape))
+
+    def _add(
+        self,
+        key: str,
+        dtype: str,
+        sh: tuple[tuple[int, ...], int],
+        dev: str,
+        enc: str,
+        pieces: list[Piece],
+        boxes: list[_Box],
+    ) -> None:
+        if key in self.tensors:
+            raise self.bad(f"duplicate tensor key {key!r}")
+        shape, numel = sh
+        if len(boxes) != 1 or boxes[0][2] != numel:  # else: one box holding every element, the whole tensor
+            check_cover(shape, numel, boxes, f"{self.where}: tensor {key!r}")
+        if self.files is None:
+            self.unchecked.append(key)
+        self.tensors[key] = _new_entry(TensorEntry, (dtype, shape, tuple(pieces), dev, enc))
+
+    # -- interned values ------------------------------------------------------------------------------------
+    def _dtype(self, name: Any, w: str) -> tuple[str, int]:
+        dt = tensor_dtype(name, f"{self.where}: {w}")
+        out = self.dtypes[name] = (name, dt.itemsize)
+        return out
+
+    def _device(self, v: Any, w: str) -> str:
+        if isinstance(v, str) and v in self.devices:
+            return self.devices[v]
+        check_device(v, f"{self.where}: {w}")
+        self.devices[v] = v
+        return v  # type: ignore[no-any-return]
+
+    def _encoding(self, v: Any, dtype: str, shape: tuple[int, ...], w: str) -> str:
+        if v == "raw":
+            return "raw"
+        if v == "pickle":
+            if dtype != "uint8" or len(shape) != 1:
+                raise self.bad(f"{w}: a pickle is stored as 1-D uint8 bytes, not {dtype}{list(shape)}")
+            return "pickle"
+        raise self.bad(f"{w}: unknown encoding {v!r}")
+
+    def _raw_name(self, raw: str) -> str:
+        name = self.names.get(_unescape(raw)) or self._name(_unescape(raw))
+        self.raw_names[raw] = name
+        return name
+
+    def _name(self, name: Any) -> str:
+        out = self.names.get(name) if isinstance(name, str) else None
+        if out is None:
+            out = self.names[name] = check_file_name(name)
+        return out
+
+    def _raw_ints(self, raw: str | None) -> tuple[tuple[int, ...], int]:
+        v = tuple(int(x) for x in raw.split(",")) if raw else ()
+        out = self.raw_ints[raw] = self._intern(v)
+        return out
+
+    def _ints(self, v: Any, what: str, w: str) -> tuple[tuple[int, ...], int]:
+        if not isinstance(v, list) or not all(_int(x, 0, MAX_NUMEL) for x in v):
+            raise self.bad(f"{w}: {what} must be a list of non-negative integers (at most 2**62), got {v!r:.200}")
+        return self._intern(tuple(v))
+
+    def _intern(self, v: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+        """``(v, product of v)``, shared between equal tuples; ``ManifestError`` past :data:`MAX_NUMEL`."""
+        out = self.ints.get(v)
+        if out is None:
+            if any(x > MAX_NUMEL for x in v):
+                raise self.bad(f"a shape or offset has a dimension larger than 2**62: {list(v)!r:.200}")
+            n = 0 if 0 in v else 1
+            if n:
+                for x in v:
+                    n *= x
+                    if n > MAX_NUMEL:
+                        raise self.bad(f"a shape with {len(v)} dimensions has more than 2**62 elements")
+            out = self.ints[v] = (v, n)
+        return out
+
+    # -- fields ---------------------------------------------------------------------------------------------
+    def _req(self, doc: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
+        if key not in doc:
+            raise self.bad(f"missing field {key!r}")
+        v = doc[key]
+        if not isinstance(v, types) or (
+            isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))
+        ):
+            raise self.bad(f"field {key!r} has the wrong type ({type(v).__name__})")
+        return v
+
+    def _check_format(self, doc: dict[str, Any]) -> int:
+        if doc.get("format") != FORMAT_NAME:
+            raise self.bad(f"not a ckptstore manifest (format={doc.get('format')!r:.100})")
+        version = self._req(doc, "format_version", int)
+        if version > FORMAT_VERSION:
+            raise self.bad(
+                f"format_version {version!r:.40} was written by a newer ckptstore (this one reads up to "
+                f"{FORMAT_VERSION}); upgrade ckptstore to read it"
+            )
+        if version < 1:
+            raise self.bad(f"invalid format_version {version!r:.40}")
+        return version  # type: ignore[no-any-return]
+
+    def _files(self, files_doc: Any) -> dict[str, int]:
+        if not isinstance(files_doc, dict):
+            raise self.bad("field 'files' must be an object")
+        files: dict[str, int] = {}
+        for name, size in files_doc.items():
+            name = self._name(name)
+            if not _int(size, 0, MAX_INT64):
+                raise self.bad(f"size of file {name!r} must be an integer in 0..2**63-1")
+            files[name] = size
+        return files
+
+    def _finish(self, doc: dict[str, Any]) -> Manifest:
+        version = self._check_format(doc)
+        if self.files is None:
+            self.files = self._files(self._req(doc, "files", dict))
+        if "tensors" not in doc:
+            raise self.bad("missing field 'tensors'")
+        files, tensors = self.files, self.tensors
+        for key in self.unchecked:  # rows read before "files" (not the layout ckptstore writes)
+            for p in tensors[key].pieces:
+                if p.file not in files:
+                    raise self.bad(f"tensor {key!r}: piece refers to file {p.file!r} that the manifest does not list")
+                if p.end > files[p.file]:
+                    raise self.bad(f"tensor {key!r}: byte range [{p.start}, {p.end}] lies outside file {p.file!r}")
+        step = self._req(doc, "step", int)
+        if not 0 <= step <= MAX_STEP:
+            raise self.bad(f"step {step!r:.40} is out of range (0..2**63-1)")
+        epoch = doc.get("epoch")
+        if epoch is not None and not _int(epoch, -MAX_INT64, MAX_INT64):
+            raise self.bad("epoch must be null or an integer in -2**63+1..2**63-1")
+        metrics, metadata = doc.get("metrics"), doc.get("metadata")
+        metrics = {} if metrics is None else metrics
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metrics, dict) or not isinstance(metadata, dict):
+            raise self.bad("metrics and metadata must be objects")
+        created_at = doc.get("created_at", 0.0)
+        if (
+            isinstance(created_at, bool)
+            or not isinstance(created_at, (int, float))
+            or not 0 <= created_at <= MAX_CREATED_AT  # also refuses nan/inf (1e400 parses as inf)
+        ):
+            raise self.bad(f"created_at must be a Unix time between 0 and {MAX_CREATED_AT:.0f}, got {created_at!r:.40}")
+        world_size = doc.get("world_size", 1)
+        if not _int(world_size, 1, MAX_WORLD_SIZE):
+            raise self.bad(f"world_size must be an integer in 1..{MAX_WORLD_SIZE}")
+        nbytes = doc.get("nbytes", 0)
+        if not _int(nbytes, 0, 1 << 80):
+            raise self.bad("nbytes must be a non-negative integer")
+        versions = doc.get("versions")
+        extras = doc.get("extras")
+        versions = {} if versions is None else versions
+        extras = {} if extras is None else extras
+        if not isinstance(versions, dict) or not isinstance(extras, dict):
+            raise self.bad("versions and extras must be objects")
+        if not all(v is None or isinstance(v, (str, int, float)) for v in versions.values()):
+            raise self.bad("versions must map names to strings")
+        save_id = doc.get("save_id", "")
+        if not isinstance(save_id, str):
+            raise self.bad("save_id must be a string")
+        if "tree" not in doc:
+            raise self.bad("missing field 'tree'")
+        check_tree(doc["tree"], tensors, self.where)
+        return Manifest(
+            step=step,
+            tree=doc["tree"],
+            tensors=tensors,
+            files=files,
+            epoch=epoch,
+            metrics=decode_json(metrics),
+            metadata=decode_json(metadata),
+            created_at=float(created_at),
+            world_size=world_size,
+            save_id=save_id,
+            versions={str(k): str(v) for k, v in versions.items()},
+            extras=extras,
+            format_version=version,
+        )
+
+
+# -- coverage ------------------------------------------------------------------------------------------------
+#: Groups of boxes no axis-aligned cut separates are compared pairwise up to this size (ckptstore never writes
+#: such layouts: its boxes are a grid of shards, each split along dim 0).
+_PAIRWISE_MAX = 16
+
+
+_Box = tuple[tuple[int, ...], tuple[int, ...], int]  # offsets, shape, element count (> 0)
+
+
+def check_cover(shape: tuple[int, ...], numel: int, boxes: Sequence[_Box], where: str = "manifest") -> None:
+    """``ManifestError`` unless ``boxes`` (``(offsets, shape, elements)``, each inside ``shape``, none empty) are
+    disjoint and cover ``shape`` exactly.
+
+    Disjoint boxes inside the tensor cover it exactly iff their volumes add up to its element count, so this
+    checks the volumes, then disjointness by recursive guillotine cuts: sorted by start along one dimension, a
+    sweep finds every cut that no box straddles and splits the boxes there, then each part is cut along the next
+    dimension. Dim-0 chunks take one sweep, a grid of shards (each split along dim 0) two or three: about
+    ``O(n log n)``. Layouts that need many nested cuts (a staircase) stop at a work budget of ``32 n`` box
+    visits, and small groups no cut separates are compared pairwise: never ``O(n^2)``.
+    """
+    vol = sum(b[2] for b in boxes)
+    if vol != numel:
+        raise ManifestError(
+            f"{where}: its pieces hold {vol} elements but the tensor has {numel}: pieces overlap or leave a gap"
+        )
+    if len(boxes) < 2:
+        return
+    ndim = len(shape)
+    budget = 32 * len(boxes) + 1024
+    work: list[tuple[list[_Box], int]] = [(list(boxes), 0)]
+    while work:
+        group, d0 = work.pop()
+        parts: list[list[_Box]] = []
+        for j in range(ndim):
+            d = (d0 + j) % ndim
+            budget -= len(group)
+            if budget < 0:
+                raise ManifestError(
+                    f"{where}: its {len(boxes)} pieces form a layout too irregular to check (ckptstore never writes "
+                    "one); the manifest is hostile or damaged"
+                )
+            group.sort(key=lambda b, d=d: b[0][d])  # type: ignore[misc]
+            parts, cur = [], [group[0]]
+            reach = group[0][0][d] + group[0][1][d]
+            for b in group[1:]:
+                start = b[0][d]
+                if start >= reach:
+                    parts.append(cur)
+                    cur = [b]
+                    reach = start + b[1][d]
+                else:
+                    cur.append(b)
+                    reach = max(reach, start + b[1][d])
+            parts.append(cur)
+            if len(parts) > 1:
+                work.extend((p, (d + 1) % ndim) for p in parts if len(p) > 1)
+                break
+        else:
+            if len(group) > _PAIRWISE_MAX:
+                raise ManifestError(f"{where}: pieces overlap (or form a layout ckptstore never writes)")
+            budget -= len(group) ** 2
+            for i, (oa, sa, _) in enumerate(group):
+                for ob, sb, _ in group[i + 1 :]:
+                    if all(a < b + t and b < a + s for a, s, b, t in zip(oa, sa, ob, sb)):
+                        raise ManifestError(
+                            f"{where}: pieces overlap (boxes {list(oa)}+{list(sa)}, {list(ob)}+{list(sb)})"
+                        )

@@ -20,6 +20,41 @@ from ..errors import ManifestError, UnsupportedValueError
 SEP = "/"
 MAX_TREE_DEPTH = 200
 
+#: The tensor dtypes ckptstore stores, by canonical name (``str(dtype)`` without ``torch.``): every dtype whose
+#: storage holds exactly ``itemsize`` bytes per element, so ``numel * itemsize`` bytes fill a tensor exactly.
+#: The 1..7-bit ``uint``/``int`` and the ``bits`` dtypes are one byte (``bits16``: two) per element in torch's
+#: storage, as is ``float4_e2m1fn_x2`` (two fp4 values per element). Quantized dtypes (``qint8``, ``quint8``,
+#: ``qint32``, ``quint4x2``, ``quint2x4``) are refused: their storage is not ``numel * itemsize`` bytes (packed) and
+#: they carry scale/zero-point outside the bytes. Names a torch build lacks are left out.
+STORABLE_DTYPE_NAMES: tuple[str, ...] = (
+    "float64", "float32", "float16", "bfloat16",
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2",
+    "complex128", "complex64", "complex32",
+    "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool",
+    "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7",
+    "int1", "int2", "int3", "int4", "int5", "int6", "int7",
+    "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2",
+)  # fmt: skip
+
+
+def _storable() -> dict[str, torch.dtype]:
+    out = {}
+    for name in STORABLE_DTYPE_NAMES:
+        dt = getattr(torch, name, None)
+        if isinstance(dt, torch.dtype) and str(dt) == f"torch.{name}":
+            out[name] = dt
+    return out
+
+
+#: canonical name -> dtype, for the names of :data:`STORABLE_DTYPE_NAMES` this torch has.
+STORABLE_DTYPES: dict[str, torch.dtype] = _storable()
+_STORABLE_SET = frozenset(STORABLE_DTYPES.values())
+
+
+def is_storable_dtype(dt: torch.dtype) -> bool:
+    """Whether tensors of ``dt`` can be stored (and will be read back) as raw bytes."""
+    return dt in _STORABLE_SET
+
 
 class PerRank:
     """Marks a subtree whose value differs on every rank (RNG state, data-sampler position, ...).
@@ -113,8 +148,12 @@ def flatten(state: Any, *, rank: int = 0, allow_pickle: bool = False) -> Flat:
         if depth > MAX_TREE_DEPTH:
             raise UnsupportedValueError(f"state is nested deeper than {MAX_TREE_DEPTH} levels at {key!r}")
         if isinstance(obj, torch.Tensor):
-            if obj.layout != torch.strided or obj.is_quantized or getattr(obj, "is_nested", False):
-                return refuse(obj, key, f"a {obj.layout} / quantized / nested tensor")
+            if getattr(obj, "is_nested", False):
+                return refuse(obj, key, "a nested tensor")
+            if obj.layout != torch.strided:
+                return refuse(obj, key, f"a {obj.layout} tensor")
+            if obj.is_quantized or obj.dtype not in _STORABLE_SET:
+                return refuse(obj, key, f"a tensor of dtype {obj.dtype} (quantized and packed dtypes are not stored)")
             return add_tensor(key or "tensor", obj)
         if obj is None or isinstance(obj, (bool, int, str)):
             return obj

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from forge import sign, sign_body  # tests/faults/forge.py (this script's directory is on sys.path)
 
 from ckptstore import CheckpointManager
 from ckptstore.errors import CheckpointError
@@ -129,11 +130,13 @@ def main() -> None:
         f.write(orig)
 
     doc = json.loads(orig_manifest)
+    body = orig_manifest[: orig_manifest.rfind(b',\n "manifest_crc32c"')]
+    assert b'\n "metadata":{},' in body
 
     def manifest(fn: Callable[[dict[str, Any]], None]) -> bytes:
         d = json.loads(json.dumps(doc))
         fn(d)
-        return json.dumps(d).encode()
+        return sign(d)  # a valid self-checksum: the structural checks must refuse it on their own
 
     def claim(nbytes: int) -> Callable[[dict[str, Any]], None]:
         def fn(d: dict[str, Any]) -> None:
@@ -149,8 +152,13 @@ def main() -> None:
         "200k-dim shape overflow": manifest(lambda d: d["tensors"]["w"].update(shape=[2**62] * 200_000)),
         "tensor claiming 4 TiB": manifest(claim(4 << 40)),
         "tensor claiming 2 GiB": manifest(claim(2 << 30)),
-        "16 MiB of junk JSON": b"[" + b"1," * (8 * MiB) + b"1]",
-        "deeply nested manifest": b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        "16 MiB of junk JSON": sign_body(b"[" + b"1," * (8 * MiB) + b"1]"),
+        "deeply nested manifest": sign_body(b'{"a":' * 100_000 + b"1" + b"}" * 100_000),
+        # 48 MiB of empty lists in one JSON field: ~22x its size as Python objects; refused by the JSON budget
+        # before it is parsed.
+        "48 MiB of [] in metadata": sign_body(
+            body.replace(b'\n "metadata":{},', b'\n "metadata":{"x":[' + b"[]," * (16 * MiB) + b"[]]},", 1)
+        ),
     }
     for case, data in manifests.items():
         with open(mpath, "wb") as f:
@@ -158,7 +166,9 @@ def main() -> None:
         # A manifest claiming a huge tensor is consistent in itself: only its files contradict it (at load).
         parse_ok = ["ok", "ManifestError"] if case.startswith("tensor claiming") else ["ManifestError"]
         run(case, "Manifest.from_bytes", parse_ok, lambda data=data: Manifest.from_bytes(data))
-        run(case, "load", ["ManifestError"], lambda: CheckpointManager(root).load(1))
+        # Signed, the claim reaches the reader, which finds the file too short (a typed error either way).
+        load_ok = ["ManifestError", "IntegrityError"] if case.startswith("tensor claiming") else ["ManifestError"]
+        run(case, "load", load_ok, lambda: CheckpointManager(root).load(1))
         run(case, "verify_step", ["problems"], lambda: verify_step(CheckpointManager(root).storage, 1))
     # A manifest larger than MAX_MANIFEST_BYTES (a sparse 2 GiB file): refused before a byte is read.
     with open(mpath, "wb") as f:

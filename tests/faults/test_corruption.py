@@ -27,6 +27,7 @@ from ckptstore.errors import CheckpointError, IntegrityError, ManifestError, Sta
 from ckptstore.format.manifest import MANIFEST_NAME, step_dir
 from ckptstore.transfer import verify_step
 from tests.faults.conftest import Backend, assert_state, make_state, zeros_like_state
+from tests.faults.forge import sign
 
 pytestmark = [pytest.mark.faults]
 
@@ -212,7 +213,7 @@ def test_manifest_structural_fuzz_only_typed_errors(tmp_path: Path) -> None:
                 del parent[p[-1]]
             else:
                 parent[p[-1]] = json.loads(json.dumps(rng.choice(_JUNK)))
-        b.write(M2, json.dumps(doc).encode())
+        b.write(M2, sign(doc))  # re-signed: the structural checks must hold on their own
         fresh = b.manager()
         calls = {
             "load": lambda m: m.load(2),

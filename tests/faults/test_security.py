@@ -25,6 +25,7 @@ from ckptstore.errors import CheckpointError, ManifestError, UnsafeCheckpointErr
 from ckptstore.format.manifest import MANIFEST_NAME, step_dir
 from ckptstore.transfer import verify_step
 from tests.faults.conftest import Backend, assert_state, io_options
+from tests.faults.forge import sign
 from tests.fixtures.faulty import inject
 from tests.fixtures.s3 import BUCKET, S3Faults
 
@@ -126,11 +127,7 @@ def test_malicious_pickle_never_runs(backend: Backend, tmp_path: Path) -> None:
 
 def _resign(doc: dict) -> bytes:
     """Serialise an edited manifest with a matching self-checksum (what a deliberate tamperer would do)."""
-    import crc32c
-
-    doc = {k: v for k, v in doc.items() if k != "manifest_crc32c"}
-    body = json.dumps(doc)[:-1].encode()  # without the closing brace
-    return body + f',\n "manifest_crc32c":"{crc32c.crc32c(body):08x}"\n}}\n'.encode()
+    return sign(doc)
 
 
 HOSTILE_KEYS = ["../../x", "a/../../../b", "/abs/path", "s3://other-bucket/k", "..", "C:\\win\\x", "%2e%2e%2fx", ""]
@@ -170,7 +167,7 @@ def _with_ref(doc: dict[str, Any], evil: str) -> bytes:
         for p in e["pieces"]:
             if p["file"] == name:
                 p["file"] = evil
-    return json.dumps(d).encode()
+    return sign(d)  # a valid self-checksum: the path check must refuse it on its own
 
 
 def _check_refused(b: Backend, mgr_factory: Any, doc: dict[str, Any], refs: list[str] = EVIL_REFS) -> None:

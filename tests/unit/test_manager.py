@@ -25,6 +25,7 @@ from ckptstore.errors import (
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
+from tests.faults.forge import sign
 
 
 @pytest.fixture(params=["file", "memory"])
@@ -282,7 +283,7 @@ def test_path_escape_in_manifest_refused_before_reading(tmp_path: Path) -> None:
         d = json.loads(json.dumps(doc))
         d["files"] = {evil: d["files"][name]}
         d["tensors"]["w"]["pieces"][0]["file"] = evil
-        mp.write_text(json.dumps(d))
+        mp.write_bytes(sign(d))  # a valid self-checksum: hostile, not damaged
         with pytest.raises(UnsafeCheckpointError):
             CheckpointManager(str(tmp_path / "c")).load(1)
 

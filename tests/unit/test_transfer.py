@@ -24,6 +24,7 @@ from ckptstore.transfer import (
     sync_once,
     verify_step,
 )
+from tests.faults.forge import sign
 
 
 def _state(seed: int) -> dict:
@@ -148,7 +149,8 @@ def test_manifest_damage_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     mgr = _mgr(str(tmp_path / "r"))
     mgr.save(1, {"w": torch.ones(8)})
     with open(mgr.storage.full(f"{step_dir(1)}/{MANIFEST_NAME}"), "wb") as f:
-        f.write(b'{"format": "ckptstore", "format_version": 1, "step": 1, "files": {"../x": 3}}')
+        # Signed (a valid self-checksum), so the path check, not the integrity check, is what refuses it.
+        f.write(sign({"format": "ckptstore", "format_version": 1, "step": 1, "files": {"../x": 3}}, lines=False))
     (p,) = verify_step(open_storage(str(tmp_path / "r")), 1).problems
     assert p.file == MANIFEST_NAME and "../x" in p.message
 
