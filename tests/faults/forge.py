@@ -57,3 +57,10 @@ def resign(raw: bytes) -> bytes:
     idx = raw.rfind(CRC_FIELD)
     assert idx > 0, "not a ckptstore manifest"
     return sign_body(raw[:idx])
+
+
+def flip_bit(data: bytes, offset: int, bit: int = 0) -> bytes:
+    """``data`` with one bit flipped (bit rot, or a tamperer who did not bother to re-sign)."""
+    b = bytearray(data)
+    b[offset] ^= 1 << bit
+    return bytes(b)

@@ -8,7 +8,7 @@ import torch
 from ckptstore.errors import StateMismatchError
 from ckptstore.format.manifest import step_dir
 from tests.faults.conftest import Backend
-from tests.fixtures.forge import flip_bit
+from tests.faults.forge import flip_bit
 
 pytestmark = pytest.mark.faults
 
