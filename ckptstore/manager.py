@@ -39,6 +39,8 @@ from .errors import (
 )
 from .format.manifest import (
     MANIFEST_NAME,
+    MAX_INT64,
+    MAX_STEP,
     Manifest,
     Piece,
     TensorEntry,
@@ -570,8 +572,8 @@ class CheckpointManager:
         step = _check_step(step)
         if blocking is None:
             blocking = not self.async_save
-        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
-            raise UnsupportedValueError(f"epoch must be an int or None, got {epoch!r}")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or abs(epoch) > MAX_INT64):
+            raise UnsupportedValueError(f"epoch must be an int (64-bit) or None, got {epoch!r}")
         metrics = dict(metrics or {})
         metadata = dict(metadata or {})
         encode_json(metrics, "metrics")  # fail fast, before any byte is written
@@ -2242,8 +2244,8 @@ def _typed_os_error(e: BaseException, what: str) -> BaseException:
 
 
 def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise UnsupportedValueError(f"step must be a non-negative int, got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise UnsupportedValueError(f"step must be an int from 0 to {MAX_STEP}, got {step!r}")
     return step
 
 

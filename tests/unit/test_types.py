@@ -12,3 +12,18 @@ def test_metric_of_a_huge_int_does_not_overflow() -> None:
     assert info.metric("big") == math.inf and info.metric("neg") == -math.inf
     assert info.metric("ok") == 3.0 and info.metric("s") is None and info.metric("b") is None
     assert info.metric("missing") is None
+
+
+def test_out_of_range_step_and_epoch_are_refused_before_any_byte_is_written(tmp_path) -> None:
+    import pytest
+    import torch
+
+    from ckptstore import CheckpointManager
+    from ckptstore.errors import UnsupportedValueError
+
+    mgr = CheckpointManager(str(tmp_path / "ck"))
+    with pytest.raises(UnsupportedValueError, match="step must be"):
+        mgr.save(2**63, {"w": torch.ones(2)})
+    with pytest.raises(UnsupportedValueError, match="epoch must be"):
+        mgr.save(1, {"w": torch.ones(2)}, epoch=2**70)
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
