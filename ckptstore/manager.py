@@ -307,6 +307,9 @@ class CheckpointManager:
         ``CheckpointManager(cfg.root, **cfg.to_kwargs())`` builds the manager a config describes.
         """
         self.io = io if isinstance(io, IOOptions) else IOOptions.from_dict(io)
+        if not isinstance(root, (str, os.PathLike)) or not os.fspath(root).strip():
+            # "" would silently be the current directory: say "." for that.
+            raise ConfigError(f"root must be a non-empty path or URL (use '.' for the current directory), got {root!r}")
         self.storage: Storage = open_storage(os.fspath(root), storage_options, io=self.io)
         self.url = self.storage.url
         self.allow_pickle = allow_pickle

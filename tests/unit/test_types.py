@@ -27,3 +27,14 @@ def test_out_of_range_step_and_epoch_are_refused_before_any_byte_is_written(tmp_
     with pytest.raises(UnsupportedValueError, match="epoch must be"):
         mgr.save(1, {"w": torch.ones(2)}, epoch=2**70)
     assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
+
+
+def test_an_empty_root_is_refused() -> None:
+    import pytest
+
+    from ckptstore import CheckpointManager
+    from ckptstore.errors import ConfigError
+
+    for root in ("", "  "):
+        with pytest.raises(ConfigError, match="non-empty"):
+            CheckpointManager(root)
