@@ -2060,13 +2060,18 @@ class _Lease:
 
     def start(self) -> _Lease:
         """Write the lease (an ``OSError`` here fails the save: nothing of it is written yet) and keep it fresh."""
-        self._write()
+        # The first write is all or nothing (a kill mid-write must not leave a torn lease that gc cannot read and
+        # would respect for its whole TTL); refreshes overwrite (atomic on S3; a torn local one reads as alive).
+        self._storage.create_exclusive(self.rel, self._payload())
         self._thread = threading.Thread(target=self._refresh, name="ckpt-lease", daemon=True)
         self._thread.start()
         return self
 
+    def _payload(self) -> bytes:
+        return json.dumps({**self._body, "heartbeat": time.time()}).encode()
+
     def _write(self) -> None:
-        self._storage.write_bytes(self.rel, json.dumps({**self._body, "heartbeat": time.time()}).encode())
+        self._storage.write_bytes(self.rel, self._payload())
 
     def _refresh(self) -> None:
         while not self._stopped.wait(LEASE_REFRESH_SECONDS):

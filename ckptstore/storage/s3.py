@@ -139,7 +139,6 @@ class S3Storage(Storage):
         st.read_into("step-000000000001/rank0.safetensors", 8, [memoryview(out.numpy()).cast("B")])
     """
 
-
     def __init__(
         self,
         url: str,
