@@ -202,7 +202,8 @@ def test_commit_outcome_unknown_but_manifest_landed(backend: Backend) -> None:
 
     def create_then_fail(rel: str, data: bytes) -> None:
         real_create(rel, data)
-        raise OSError(errno.EIO, "connection reset after the request was sent (injected)", rel)
+        if rel.endswith("manifest.json"):  # the commit (not the save's lease, also created exclusively)
+            raise OSError(errno.EIO, "connection reset after the request was sent (injected)", rel)
 
     inner.create_exclusive = create_then_fail  # type: ignore[method-assign]
     res = mgr.save(3, s3_)
