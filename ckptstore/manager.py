@@ -2060,9 +2060,9 @@ class _Lease:
 
     def start(self) -> _Lease:
         """Write the lease (an ``OSError`` here fails the save: nothing of it is written yet) and keep it fresh."""
-        # The first write is all or nothing (a kill mid-write must not leave a torn lease that gc cannot read and
-        # would respect for its whole TTL); refreshes overwrite (atomic on S3; a torn local one reads as alive).
-        self._storage.create_exclusive(self.rel, self._payload())
+        # All or nothing (a kill mid-write must not leave a torn lease that gc cannot read and would respect for
+        # its whole TTL), but never fsynced: a lease is a hint for gc, and a flush per save is not free (W2/W3).
+        self._storage.write_hint(self.rel, self._payload())
         self._thread = threading.Thread(target=self._refresh, name="ckpt-lease", daemon=True)
         self._thread.start()
         return self
@@ -2071,7 +2071,7 @@ class _Lease:
         return json.dumps({**self._body, "heartbeat": time.time()}).encode()
 
     def _write(self) -> None:
-        self._storage.write_bytes(self.rel, self._payload())
+        self._storage.write_hint(self.rel, self._payload())
 
     def _refresh(self) -> None:
         while not self._stopped.wait(LEASE_REFRESH_SECONDS):

@@ -271,6 +271,12 @@ class Storage:
             raise
         w.close()
 
+    def write_hint(self, rel: str, data: bytes) -> None:
+        """Write a small advisory file (a save's lease): whole or absent for readers, even if the writer is
+        killed, but not made durable (no fsync; it may vanish in a power cut). Its readers must treat it as a hint.
+        Default: ``write_bytes`` (one PUT on object stores)."""
+        self.write_bytes(rel, data)
+
     def create_exclusive(self, rel: str, data: bytes) -> None:
         """Write ``data`` to ``rel`` atomically, only if ``rel`` does not exist (else ``FileExistsError``)."""
         path = self.full(rel)

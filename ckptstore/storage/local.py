@@ -531,6 +531,30 @@ class LocalStorage(Storage):
                 self._commit_in_place(dfd, name, final, data)
             _fsync_fd(dfd)
 
+    def write_hint(self, rel: str, data: bytes) -> None:
+        """temp + rename(2), no fsync: a kill never leaves it torn (a reader sees the old or the new content), and
+        a lease has no need to survive a power cut, so it costs no disk flush on the save's path."""
+        parts = self._parts(rel)
+        if not parts:
+            raise NotRegularFileError(
+                errno.EISDIR, f"{self.url} is the checkpoint root, not a file", self.url, kind="directory"
+            )
+        with self._dir(parts[:-1], create=True) as dfd:
+            tmp = f".{parts[-1]}.tmp-{uuid.uuid4().hex}"
+            fd = os.open(tmp, _CREATE_FLAGS, 0o644, dir_fd=dfd)
+            try:
+                _write_all(fd, data)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp, dir_fd=dfd)
+                raise
+            os.close(fd)
+            try:
+                os.rename(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                os.unlink(tmp, dir_fd=dfd)
+                raise
+
     def _commit_via_temp(self, dfd: int, name: str, final: str, data: bytes) -> bool:
         """temp + fsync, then link(2) or renameat2(RENAME_NOREPLACE): all or nothing under ``name``. False
         (nothing done, ``_commit_mode`` now ``"excl"``) when neither works on this filesystem."""

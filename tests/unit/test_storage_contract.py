@@ -8,6 +8,7 @@ commit; paths never leave the root; capabilities declared on the class.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 import uuid
@@ -168,6 +169,27 @@ def test_create_exclusive(storage: Storage) -> None:
         storage.create_exclusive("step-1/manifest.json", b'{"second": true}')
     assert storage.read_bytes("step-1/manifest.json") == b'{"first": true}'
     assert storage.list_dir("step-1") == ["manifest.json"]
+
+
+def test_write_hint_replaces_whole_and_leaves_no_temp(storage: Storage) -> None:
+    storage.write_hint("step-1/.saving-abc", b'{"heartbeat": 1}')
+    storage.write_hint("step-1/.saving-abc", b'{"heartbeat": 2.5}')
+    assert storage.read_bytes("step-1/.saving-abc") == b'{"heartbeat": 2.5}'
+    assert storage.list_dir("step-1") == [".saving-abc"]
+
+
+def test_local_write_hint_never_flushes_the_disk(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save's lease is a hint for gc: writing or refreshing it must cost no fsync on the save's path (each one is
+    milliseconds on a real disk, paid on every small save)."""
+    st = open_storage(f"file://{tmp_path}/root")
+    st.makedirs("step-1")
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    st.write_hint("step-1/.saving-abc", b"{}")
+    st.write_hint("step-1/.saving-abc", b'{"n": 2}')
+    assert synced == []
+    assert st.read_bytes("step-1/.saving-abc") == b'{"n": 2}'
 
 
 def test_create_exclusive_race_one_winner(storage: Storage) -> None:
