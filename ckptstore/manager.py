@@ -1443,7 +1443,8 @@ class CheckpointManager:
                 m = self._manifest(s, tier, any_generation=isinstance(step, int))
                 gen = generation_of(m)
                 with self._lock:
-                    self._restored = (s, gen)
+                    # The restore is now what the next save continues from, not a step saved before it.
+                    self._restored, self._last_saved = (s, gen), None
                     if verify is not False and self.io.verify:
                         self._verified.add((tier, s, gen))
                 for bad_step, bad_tier in failed:
