@@ -765,6 +765,7 @@ class CheckpointManager:
         if comm.rank == 0:
             exists, generation = None, 1
             try:
+                self.storage.check_commit_support()  # refuse before any rank uploads a byte
                 job.parent = self._lineage_for(job.step)
                 files = step_files(self.storage, job.step)
                 # A step number whose generations are all quarantined (failed verification, or superseded by a

@@ -520,6 +520,7 @@ def copy_step(
     t0 = time.perf_counter()
     prefix = step_dir(step)
     m, manifest_bytes = read_manifest(s, step)
+    d.check_commit_support()  # before the first upload, not at the commit
     # The same generation under the same name: a mirror holding an older generation of this step number (from
     # an abandoned branch) still gets the current one beside it.
     manifest_rel = f"{prefix}/{manifest_name(generation_of(m))}"
