@@ -296,7 +296,9 @@ class Storage:
             self.fs.pipe_file(path, data)
 
     def sync_dir(self, rel: str) -> None:
-        """Make directory entries durable (no-op off local disk)."""
+        """Make the entries of directory ``rel`` and of each directory above it (within the root) durable; called
+        before a commit. Files created by ``open_write`` may leave new directories durable only after this.
+        No-op off local disk."""
 
     # -- reading -----------------------------------------------------------------------------------------
     def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
