@@ -413,7 +413,11 @@ def index_json(plan: ExportPlan) -> bytes:
     for fname, shard in zip(plan.files, plan.shards):
         for t in shard:
             weight_map[t.name] = fname
-    doc = {"metadata": {"total_size": plan.nbytes}, "weight_map": dict(sorted(weight_map.items()))}
+    params = sum(math.prod(t.entry.shape) for s in plan.shards for t in s)
+    doc = {
+        "metadata": {"total_parameters": params, "total_size": plan.nbytes},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
 
 
