@@ -558,8 +558,34 @@ def _copy_files(src_dir: str, names: Sequence[str], dst_dir: str, explicit: bool
     return copied
 
 
+class _Arena:
+    """One reusable buffer the read batches are carved from: the export's memory stays one allocation of about
+    ``read_batch_bytes`` instead of depending on how the allocator reuses freed tensors."""
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int) -> None:
+        self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        self.pos = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self._aligned() + nbytes <= self.buf.numel()
+
+    def _aligned(self) -> int:
+        return -(-self.pos // self.ALIGN) * self.ALIGN
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
+        start = self._aligned()
+        self.pos = start + n
+        return self.buf[start : start + n].view(dtype).view(shape)
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
 def _write_shard(mgr: Any, m: Manifest, shard: list[ExportTensor], path: str, opts: IOOptions,
-                 batch_bytes: int) -> None:  # fmt: skip
+                 arena: _Arena) -> None:  # fmt: skip
     entries = [HeaderEntry(t.name, TORCH_TO_ST[t.dtype], tuple(t.entry.shape), t.nbytes) for t in shard]
     head, _ = build_header(entries, {"format": "pt"})
     prefix = step_dir(m.step)
@@ -567,16 +593,22 @@ def _write_shard(mgr: Any, m: Manifest, shard: list[ExportTensor], path: str, op
         f.write(head)
         i = 0
         while i < len(shard):
-            # A batch of tensors read together (coalesced, parallel requests), then cast, written and dropped.
+            # A batch of tensors read together (coalesced, parallel requests) into the arena, then cast and
+            # written; a tensor larger than the arena is read on its own.
             batch: list[tuple[ExportTensor, torch.Tensor]] = []
-            size = 0
             tasks = []
-            while i < len(shard) and (not batch or size + shard[i].entry.nbytes <= batch_bytes):
+            arena.reset()
+            while i < len(shard):
                 t = shard[i]
-                buf = torch.empty(t.entry.shape, dtype=t.entry.torch_dtype)
+                shape, dt = tuple(t.entry.shape), t.entry.torch_dtype
+                if arena.fits(t.entry.nbytes):
+                    buf = arena.take(shape, dt)
+                elif not batch:
+                    buf = torch.empty(shape, dtype=dt)
+                else:
+                    break
                 tasks.extend(plan_fill(t.key, t.entry, buf))
                 batch.append((t, buf))
-                size += t.entry.nbytes
                 i += 1
             read_pieces(mgr.storage, prefix, tasks, opts, step=m.step)
             del tasks
@@ -664,8 +696,11 @@ def export_hf(
                 copy_src is not None) else []  # fmt: skip
             if copy_src is not None and "config.json" not in copied:
                 log.warning("%s has no config.json: from_pretrained needs one in %s", copy_src, out)
+            largest = max(sum(-(-t.entry.nbytes // _Arena.ALIGN) * _Arena.ALIGN for t in s) for s in plan.shards)
+            arena = _Arena(min(read_batch_bytes, largest))
             for fname, shard in zip(plan.files, plan.shards):
-                _write_shard(mgr, m, shard, os.path.join(tmp, fname), opts, read_batch_bytes)
+                _write_shard(mgr, m, shard, os.path.join(tmp, fname), opts, arena)
+            del arena
             if len(plan.shards) > 1:  # the index last: it is what makes the shards a model
                 with open(os.path.join(tmp, SAFE_WEIGHTS_INDEX_NAME), "xb") as f:
                     f.write(index_json(plan))
