@@ -845,12 +845,14 @@ def _read_header(path: str) -> tuple[dict[str, tuple[HeaderEntry, int, int]], in
     try:
         if size < 8:
             raise ManifestError(f"{path} is not a safetensors file: shorter than its 8-byte header length")
-        first = os.pread(fd, 8, 0)
+        first = bytearray(8)
+        _pread_full(fd, memoryview(first), 0, path)
         hlen = int.from_bytes(first, "little")
         if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
             raise ManifestError(f"{path}: header length {hlen} is larger than allowed or than the file ({size} B)")
         prefix = bytearray(8 + hlen)
-        _pread_full(fd, memoryview(prefix), 0, path)
+        prefix[:8] = first
+        _pread_full(fd, memoryview(prefix)[8:], 8, path)
     finally:
         os.close(fd)
     try:
@@ -891,6 +893,7 @@ def open_hf(path: str | os.PathLike[str]) -> HFCheckpoint:
                 raise ManifestError(f"{p} is {size} bytes, larger than the {MAX_INDEX_BYTES} an index may have")
             raw = bytearray(size)
             _pread_full(fd, memoryview(raw), 0, p)
+            index_bytes = size
         finally:
             os.close(fd)
         try:
@@ -909,8 +912,9 @@ def open_hf(path: str | os.PathLike[str]) -> HFCheckpoint:
         files = [os.path.join(base, n) for n in names]
     else:
         files = [p]
+        index_bytes = 0
     tensors: dict[str, STTensor] = {}
-    header_bytes = 0
+    header_bytes = index_bytes
     for f in files:
         entries, _data_start, hb = _read_header(f)
         header_bytes += hb
