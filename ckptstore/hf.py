@@ -558,6 +558,9 @@ def _copy_files(src_dir: str, names: Sequence[str], dst_dir: str, explicit: bool
     return copied
 
 
+_STAGE_BYTES = 4 << 20
+
+
 class _Arena:
     """One reusable buffer the read batches are carved from: the export's memory stays one allocation of about
     ``read_batch_bytes`` instead of depending on how the allocator reuses freed tensors."""
@@ -567,6 +570,7 @@ class _Arena:
     def __init__(self, nbytes: int) -> None:
         self.buf = torch.empty(nbytes, dtype=torch.uint8)
         self.pos = 0
+        self._stage: torch.Tensor | None = None
 
     def fits(self, nbytes: int) -> bool:
         return self._aligned() + nbytes <= self.buf.numel()
@@ -582,6 +586,12 @@ class _Arena:
 
     def reset(self) -> None:
         self.pos = 0
+
+    def stage(self, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable buffer of about :data:`_STAGE_BYTES` for casts (one per output dtype; casts go to one)."""
+        if self._stage is None or self._stage.dtype != dtype:
+            self._stage = torch.empty(max(1, _STAGE_BYTES // dtype.itemsize), dtype=dtype)
+        return self._stage
 
 
 def _write_shard(mgr: Any, m: Manifest, shard: list[ExportTensor], path: str, opts: IOOptions,
@@ -614,11 +624,19 @@ def _write_shard(mgr: Any, m: Manifest, shard: list[ExportTensor], path: str, op
             del tasks
             while batch:
                 t, buf = batch.pop(0)
-                if buf.dtype != t.dtype:
-                    buf = buf.to(t.dtype)
-                if buf.numel():
+                if buf.numel() == 0:
+                    continue
+                if buf.dtype == t.dtype:
                     f.write(tensor_bytes(buf))
-                del buf
+                    continue
+                # Cast slice by slice through one small staging buffer: no tensor-sized copy.
+                flat = buf.reshape(-1)
+                stage = arena.stage(t.dtype)
+                for a in range(0, flat.numel(), stage.numel()):
+                    part = stage[: min(stage.numel(), flat.numel() - a)]
+                    part.copy_(flat[a : a + part.numel()])
+                    f.write(tensor_bytes(part))
+                del buf, flat
         f.flush()
         os.fsync(f.fileno())
 
