@@ -1004,21 +1004,20 @@ def _storage_id(t: torch.Tensor) -> tuple[Any, ...]:
 
 
 def _declared_ties(model: Any) -> dict[str, str]:
-    """``_tied_weights_keys`` of a transformers model as {tied key: source key} (v5: a dict; v4 lists are
-    names only, whose source the shared storage tells)."""
-    out: dict[str, str] = {}
+    """The ties a transformers model declares for its config, as {tied key: source key}: v5's
+    ``get_expanded_tied_weights_keys()`` (empty when ``tie_word_embeddings`` is off). The class-level
+    ``_tied_weights_keys`` is not used: it lists possible ties whatever the config says."""
     getter = getattr(model, "get_expanded_tied_weights_keys", None)
-    ties: Any = None
-    if callable(getter):
-        try:
-            ties = getter()
-        except Exception as e:  # a model whose config lacks what transformers expects: ties come from storage
-            log.debug("get_expanded_tied_weights_keys failed: %s", e)
-    if ties is None:
-        ties = getattr(model, "_tied_weights_keys", None)
-    if isinstance(ties, Mapping):
-        out = {str(k): str(v) for k, v in ties.items() if isinstance(k, str) and isinstance(v, str)}
-    return out
+    if not callable(getter):
+        return {}
+    try:
+        ties = getter()
+    except Exception as e:  # a model whose config lacks what transformers expects: ties come from storage only
+        log.debug("get_expanded_tied_weights_keys failed: %s", e)
+        return {}
+    if not isinstance(ties, Mapping):
+        return {}
+    return {k: v for k, v in ties.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def load_hf_into(

@@ -372,3 +372,15 @@ def test_export_memory_stays_near_one_shard(tmp_path: Path) -> None:
     with safe_open(str(tmp_path / "out" / "model-00008-of-00008.safetensors"), framework="pt") as h:
         for k in h.keys():
             assert torch.equal(h.get_tensor(k), state["model"][k])
+
+
+def test_export_from_a_non_local_root(tmp_path: Path) -> None:
+    """Any storage backend: the pieces are read through the storage layer (here memory://), not as local files."""
+    from ckptstore.hf import export_hf
+
+    model, _ = trained("gpt2", seed=8)
+    mgr = CheckpointManager("memory://hf-export-test", io=IOOptions(chunk_bytes=1024))
+    mgr.save(2, {"model": model})
+    res = export_hf(mgr, 2, tmp_path / "out", copy_from=config_dir(model, tmp_path))
+    assert res.tensors == len(model.state_dict())
+    assert torch.equal(logits(from_pretrained("gpt2", tmp_path / "out")), logits(model))

@@ -214,3 +214,28 @@ def test_box_reads_only_their_bytes(tmp_path: Path) -> None:
     box = torch.empty(2, 2, 5, dtype=torch.int64)
     ck.read_box("e", (1, 1, 0), (2, 2, 5), box)
     assert torch.equal(box, e[1:3, 1:3, :])
+
+
+def test_ties_come_from_the_model_not_from_guesses(tmp_path: Path) -> None:
+    from ckptstore.hf import load_hf_into
+
+    # Untied LLaMA (tie_word_embeddings=False): a directory without lm_head.weight is missing a key, never filled
+    # from the embedding, although the class lists lm_head -> embed_tokens as a possible tie.
+    model, _ = trained("llama", seed=15)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    (tmp_path / "a").mkdir()
+    save_file(sd, str(tmp_path / "a" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(StateMismatchError) as ei:
+        load_hf_into(fresh("llama"), tmp_path / "a")
+    assert ei.value.missing == ["lm_head.weight"]
+    # GPT-2 declares the tie in its config; a model whose tie was broken (a separate lm_head tensor) still gets
+    # lm_head from the embedding, as from_pretrained would.
+    src, _ = trained("gpt2", seed=16)
+    src.save_pretrained(str(tmp_path / "g"))
+    target = fresh("gpt2")
+    target.lm_head.weight = torch.nn.Parameter(torch.zeros_like(target.lm_head.weight))
+    res = load_hf_into(target, tmp_path / "g")
+    assert res.tied == {"lm_head.weight": "transformer.wte.weight"}
+    assert target.lm_head.weight is not target.transformer.wte.weight
+    assert torch.equal(target.lm_head.weight, src.transformer.wte.weight)
+    assert torch.equal(logits(target), logits(src))
