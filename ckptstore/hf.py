@@ -1061,13 +1061,16 @@ def load_hf_into(
     sd = model.state_dict(keep_vars=True)
     targets: dict[str, torch.Tensor] = {}
     norm_of: dict[str, str] = {}
+    key_of: dict[str, str] = {}  # normalised name -> model key
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             continue
         n = strip_wrappers(k) if strip else k
-        if n in norm_of.values():
-            raise ConfigError(f"two model keys become {n!r} without wrapper prefixes; pass strip=False")
+        if n in key_of:
+            raise ConfigError(f"model keys {key_of[n]!r} and {k!r} both become {n!r} without wrapper prefixes; "
+                              "pass strip=False")  # fmt: skip
         norm_of[k] = n
+        key_of[n] = k
         targets[k] = v
     _adapt_base_prefix(model, norm_of, file_names)
     # Ties: model keys sharing one tensor form a group; one loaded key fills the group.
@@ -1093,14 +1096,15 @@ def load_hf_into(
     still: list[str] = []
     for k in missing:
         src = declared.get(norm_of[k])
-        src_key = next((mk for mk, n in norm_of.items() if n == src), None) if src else None
+        src_key = key_of.get(src) if src else None
         if src_key is not None and norm_of[src_key] in file_names:
             plan.append((k, file_names[norm_of[src_key]]))
             tied[k] = src_key
         else:
             still.append(k)
-    unexpected = sorted(k for k in ck.tensors if k not in used and mapper(k) is not None and k not in
-                        {fk for _, fk in plan})  # fmt: skip
+    used.update(fk for _, fk in plan)
+    mapped = set(file_names.values())
+    unexpected = sorted(k for k in mapped if k not in used)
     if strict and (still or unexpected):
         raise StateMismatchError(
             f"{ck.path} does not match the model: "
