@@ -681,7 +681,8 @@ def export_hf(
     tokenizer files (``copy_files`` to choose others) are copied in — regular files only, never through a symlink.
 
     Every piece read is checked against its crc32c (``IntegrityError``). Memory: one read batch
-    (``read_batch_bytes``) or the largest tensor, plus one cast copy of a tensor. An existing non-empty ``out_dir``
+    (``read_batch_bytes``, at most the largest output file; a tensor larger than that is read alone), plus a 4 MiB
+    buffer for casts. An existing non-empty ``out_dir``
     raises ``CheckpointExistsError`` unless ``overwrite``; the directory is written under a temporary name next to
     it and renamed into place when complete, so an interrupted export never looks like a finished one.
 

@@ -384,3 +384,23 @@ def test_export_from_a_non_local_root(tmp_path: Path) -> None:
     res = export_hf(mgr, 2, tmp_path / "out", copy_from=config_dir(model, tmp_path))
     assert res.tensors == len(model.state_dict())
     assert torch.equal(logits(from_pretrained("gpt2", tmp_path / "out")), logits(model))
+
+
+def test_names_sizes_and_dtypes_parse_as_documented() -> None:
+    from ckptstore.hf import parse_dtype, parse_rename, parse_size, strip_wrappers
+
+    assert strip_wrappers("module._orig_mod.transformer.h.0.attn.c_attn.weight") == "transformer.h.0.attn.c_attn.weight"
+    assert strip_wrappers("_orig_mod.module.lm_head.weight") == "lm_head.weight"
+    assert strip_wrappers("layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.w") == "layers.0.mlp.w"
+    assert strip_wrappers("encoder.module.weight") == "encoder.module.weight"  # a submodule named "module" stays
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("64MiB") == 64 << 20 and parse_size(1000) == 1000
+    assert parse_size("1.5 kB") == 1500
+    for bad in ("", "lots", "-1MB", "0", 0):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("torch.float16") is torch.float16
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        parse_dtype("int8")
+    assert parse_rename(r"^a=b=c") == ("^a=b", "c") and parse_rename("x=") == ("x", "")
+    with pytest.raises(ConfigError):
+        parse_rename("=x")
