@@ -48,6 +48,7 @@ from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
+    IntegrityError,
     ManifestError,
     StateMismatchError,
     UnsafeCheckpointError,
@@ -613,10 +614,14 @@ def _write_shard(mgr: Any, m: Manifest, shard: list[ExportTensor], path: str, op
                 shape, dt = tuple(t.entry.shape), t.entry.torch_dtype
                 if arena.fits(t.entry.nbytes):
                     buf = arena.take(shape, dt)
-                elif not batch:
-                    buf = torch.empty(shape, dtype=dt)
-                else:
+                elif batch:
                     break
+                elif _row_pieces(t.entry):
+                    _stream_tensor(mgr.storage, prefix, m.step, t, f, arena)
+                    i += 1
+                    continue
+                else:
+                    buf = torch.empty(shape, dtype=dt)
                 tasks.extend(plan_fill(t.key, t.entry, buf))
                 batch.append((t, buf))
                 i += 1
@@ -629,16 +634,75 @@ def _write_shard(mgr: Any, m: Manifest, shard: list[ExportTensor], path: str, op
                 if buf.dtype == t.dtype:
                     f.write(tensor_bytes(buf))
                     continue
-                # Cast slice by slice through one small staging buffer: no tensor-sized copy.
-                flat = buf.reshape(-1)
-                stage = arena.stage(t.dtype)
-                for a in range(0, flat.numel(), stage.numel()):
-                    part = stage[: min(stage.numel(), flat.numel() - a)]
-                    part.copy_(flat[a : a + part.numel()])
-                    f.write(tensor_bytes(part))
-                del buf, flat
+                _write_cast(f, buf, t.dtype, arena)
+                del buf
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_cast(f: Any, buf: torch.Tensor, dtype: torch.dtype, arena: _Arena) -> None:
+    """Write ``buf`` cast to ``dtype``, slice by slice through the arena's small staging buffer (no tensor-sized
+    copy)."""
+    flat = buf.reshape(-1)
+    stage = arena.stage(dtype)
+    for a in range(0, flat.numel(), stage.numel()):
+        part = stage[: min(stage.numel(), flat.numel() - a)]
+        part.copy_(flat[a : a + part.numel()])
+        f.write(tensor_bytes(part))
+
+
+def _row_pieces(e: TensorEntry) -> bool:
+    """Whether every piece of ``e`` is a range of whole rows (the whole tensor, a dim-0 chunk, an FSDP2
+    ``Shard(0)`` box): then the tensor's bytes are the pieces' bytes in row order."""
+    if e.encoding != "raw" or not e.shape:
+        return False
+    for p in e.pieces:
+        if p.offsets is None:
+            continue
+        if any(p.offsets[1:]) or tuple(p.shape or ())[1:] != tuple(e.shape[1:]):
+            return False
+    return True
+
+
+def _stream_tensor(storage: Any, prefix: str, step: int, t: ExportTensor, f: Any, arena: _Arena) -> None:
+    """Copy a tensor larger than the arena into ``f`` piece by piece, each piece in arena-sized ranges, cast on
+    the way; each piece's crc32c is combined over its ranges and checked when the piece ends (a mismatch fails
+    the export, whose directory is then never renamed into place)."""
+    from .io import crc32c
+
+    e = t.entry
+    src = e.torch_dtype
+    cap = max(src.itemsize, arena.buf.numel() // src.itemsize * src.itemsize)
+    if arena.buf.numel() < cap:  # an arena smaller than one element (a tiny read batch)
+        arena.buf = torch.empty(cap, dtype=torch.uint8)
+    for p in sorted(e.pieces, key=lambda p: p.offsets[0] if p.offsets else 0):
+        crc = 0
+        pos = 0
+        while pos < p.nbytes:
+            n = min(cap, p.nbytes - pos)
+            chunk = arena.buf[:n]
+            view = tensor_bytes(chunk)
+            try:
+                storage.read_into(f"{prefix}/{p.file}", p.start + pos, [view])
+            except EOFError as err:
+                raise IntegrityError(
+                    f"step {step}: file {p.file} is shorter than the manifest says ({err}); key {t.key!r}",
+                    step=step, file=p.file, key=t.key,
+                ) from None  # fmt: skip
+            except FileNotFoundError:
+                raise IntegrityError(f"step {step}: data file {p.file} is missing", step=step, file=p.file) from None
+            crc = crc32c(view, crc)
+            if src == t.dtype:
+                f.write(view)
+            else:
+                _write_cast(f, chunk.view(src), t.dtype, arena)
+            pos += n
+        if crc != p.crc32c:
+            raise IntegrityError(
+                f"checksum mismatch in step {step}, file {p.file}, key {t.key!r} "
+                f"(bytes {p.start}-{p.end}: crc32c {crc:08x}, manifest {p.crc32c:08x})",
+                step=step, file=p.file, key=t.key,
+            )  # fmt: skip
 
 
 def _fsync_dir(path: str) -> None:
@@ -681,10 +745,12 @@ def export_hf(
     tokenizer files (``copy_files`` to choose others) are copied in — regular files only, never through a symlink.
 
     Every piece read is checked against its crc32c (``IntegrityError``). Memory: one read batch
-    (``read_batch_bytes``, at most the largest output file; a tensor larger than that is read alone), plus a 4 MiB
-    buffer for casts. An existing non-empty ``out_dir``
-    raises ``CheckpointExistsError`` unless ``overwrite``; the directory is written under a temporary name next to
-    it and renamed into place when complete, so an interrupted export never looks like a finished one.
+    (``read_batch_bytes``, at most the largest output file) plus a 4 MiB buffer for casts; a tensor larger than the
+    batch is streamed piece by piece in batch-sized ranges (one stored as column boxes is read whole).
+
+    An existing non-empty ``out_dir`` raises ``CheckpointExistsError`` unless ``overwrite``; the directory is
+    written under a temporary name next to it and renamed into place when complete, so an interrupted export never
+    looks like a finished one.
 
     Example::
 
