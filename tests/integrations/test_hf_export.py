@@ -446,3 +446,25 @@ def test_export_from_s3(tmp_path: Path, s3_root: tuple[str, dict[str, Any]]) -> 
                     copy_from=config_dir(model, tmp_path))  # fmt: skip
     assert res.step == 4 and len(res.files) > 2
     assert torch.equal(logits(from_pretrained("llama", tmp_path / "out")), logits(model))
+
+
+def test_streamed_tensor_checks_its_pieces(tmp_path: Path) -> None:
+    """The streaming path (a tensor larger than the read batch) checks each piece's crc32c over its ranges and
+    reports a missing data file as an IntegrityError; nothing is left behind either way."""
+    from ckptstore.hf import export_hf
+
+    w = torch.randn(256, 1024)  # 1 MiB, one piece, exported with 64 KiB read batches
+    mgr = CheckpointManager(str(tmp_path / "ck"))
+    mgr.save(1, {"model": {"w": w}})
+    res = export_hf(mgr, 1, tmp_path / "ok", read_batch_bytes=64 << 10)
+    with safe_open(str(tmp_path / "ok" / res.files[0]), framework="pt") as h:
+        assert torch.equal(h.get_tensor("w"), w)
+    _flip(mgr, 1, "model/w")
+    with pytest.raises(IntegrityError, match="checksum mismatch") as ei:
+        export_hf(mgr, 1, tmp_path / "out", read_batch_bytes=64 << 10)
+    assert ei.value.key == "model/w"
+    piece = mgr.manifest(1).tensors["model/w"].pieces[0]
+    os.unlink(mgr.storage.full(f"{step_dir(1)}/{piece.file}"))
+    with pytest.raises(IntegrityError, match="missing"):
+        export_hf(mgr, 1, tmp_path / "out", read_batch_bytes=64 << 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "ok"]
