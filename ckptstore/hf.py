@@ -964,10 +964,10 @@ def open_hf(path: str | os.PathLike[str]) -> HFCheckpoint:
     if os.path.isdir(p):
         idx = os.path.join(p, SAFE_WEIGHTS_INDEX_NAME)
         single = os.path.join(p, SAFE_WEIGHTS_NAME)
-        if os.path.exists(idx):
-            p = idx
-        elif os.path.exists(single):
+        if os.path.exists(single):  # transformers' order: the single file first
             p = single
+        elif os.path.exists(idx):
+            p = idx
         else:
             raise CheckpointNotFoundError(f"{p} has neither {SAFE_WEIGHTS_INDEX_NAME} nor {SAFE_WEIGHTS_NAME}")
     weight_map: dict[str, str] | None = None
@@ -1172,6 +1172,9 @@ def load_hf_into(
     used.update(fk for _, fk in plan)
     mapped = set(file_names.values())
     unexpected = sorted(k for k in mapped if k not in used)
+    # transformers' own allowances (e.g. GPT-2's old "attn.masked_bias" buffers in hub checkpoints).
+    unexpected = [k for k in unexpected if not _ignored(model, "_keys_to_ignore_on_load_unexpected", k)]
+    still = [k for k in still if not _ignored(model, "_keys_to_ignore_on_load_missing", norm_of[k])]
     if strict and (still or unexpected):
         raise StateMismatchError(
             f"{ck.path} does not match the model: "
@@ -1208,6 +1211,19 @@ def load_hf_into(
                 ck.read_box(fk, offs, lshape, buf)
                 local.copy_(buf.view(local.shape) if tuple(local.shape) != lshape else buf)
     return HFLoadResult(ck.path, [mk for mk, _ in plan], tied, still, unexpected, ck.bytes_read)
+
+
+def _ignored(model: Any, attr: str, key: str) -> bool:
+    patterns = getattr(model, attr, None)  # a set of regexes in transformers 5, a list before
+    if not isinstance(patterns, (list, tuple, set, frozenset)):
+        return False
+    for pat in patterns:
+        try:
+            if isinstance(pat, str) and re.search(pat, key):
+                return True
+        except re.error:
+            continue
+    return False
 
 
 def _adapt_base_prefix(model: Any, norm_of: dict[str, str], file_names: dict[str, str]) -> None:

@@ -239,3 +239,26 @@ def test_ties_come_from_the_model_not_from_guesses(tmp_path: Path) -> None:
     assert target.lm_head.weight is not target.transformer.wte.weight
     assert torch.equal(target.lm_head.weight, src.transformer.wte.weight)
     assert torch.equal(logits(target), logits(src))
+
+
+def test_transformers_allowances_and_file_order(tmp_path: Path) -> None:
+    """Keys the model class says to ignore (GPT-2 hub checkpoints carry old ``attn.bias`` mask buffers) do not
+    break a strict load; a directory with both files is read from ``model.safetensors``, as transformers does."""
+    from ckptstore.hf import load_hf_into
+
+    src, _ = trained("gpt2", seed=17)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items() if k != "lm_head.weight"}
+    sd["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    d = tmp_path / "hub-like"
+    d.mkdir()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {"x": "elsewhere.safetensors"}}')
+    target = fresh("gpt2")
+    res = load_hf_into(target, d)
+    assert res.unexpected == [] and res.path.endswith("model.safetensors")
+    assert torch.equal(logits(target), logits(src))
+    sd["transformer.h.0.attn.weird"] = torch.zeros(2)
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(StateMismatchError) as ei:
+        load_hf_into(fresh("gpt2"), d)
+    assert ei.value.unexpected == ["transformer.h.0.attn.weird"]
