@@ -44,9 +44,8 @@ from typing import Any, TypeVar
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
+from .. import CheckpointManager, IOOptions, PendingSave
 from ..errors import CheckpointNotFoundError, ConfigError
-from ..manager import CheckpointManager, PendingSave
-from ..options import IOOptions
 
 log = logging.getLogger("ckptstore")
 
