@@ -41,19 +41,17 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 from typing import Any
 
-import numpy as np
-import torch
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 
 from .. import CheckpointManager, PendingSave, PerRank
 from ..errors import CheckpointNotFoundError, ConfigError
 from ..format.manifest import step_dir
+from ._rng import rng_holder, rng_state, set_rng_state
 
 log = logging.getLogger("ckptstore")
 
@@ -61,58 +59,6 @@ __all__ = ["CkptstoreTrainer", "CkptstoreTrainerMixin", "rng_state", "set_rng_st
 
 TRAINER_STATE_NAME = "trainer_state.json"
 _META_KEY = "hf_trainer_state"
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's generator states as ckptstore-storable values (Python, NumPy, torch CPU, CUDA if present).
-
-    Example::
-
-        mgr.save(step, {"model": model, "rng": PerRank(rng_state())})
-    """
-    np_state = np.random.get_state()
-    out: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "kind": str(np_state[0]),
-            "keys": torch.from_numpy(np.array(np_state[1], dtype=np.uint32, copy=True)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "cpu": torch.random.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = list(torch.cuda.random.get_rng_state_all())
-    return out
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Put back what :func:`rng_state` returned (or ``mgr.load(...)["rng"]`` gives back).
-
-    Example::
-
-        set_rng_state(mgr.load(step)["rng"])
-    """
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.random.set_rng_state(state["cpu"])
-    if torch.cuda.is_available() and state.get("cuda"):
-        cuda = list(state["cuda"])
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.random.set_rng_state_all(cuda)
-        else:
-            log.warning(
-                "the checkpoint holds %d CUDA generator states but %d devices are visible: CUDA RNG not restored",
-                len(cuda),
-                torch.cuda.device_count(),
-            )
-
-
-def _rng_holder() -> dict[str, Any]:
-    return {"python": None, "numpy": None, "cpu": None, **({"cuda": None} if torch.cuda.is_available() else {})}
 
 
 class CkptstoreTrainerMixin:
@@ -330,14 +276,14 @@ class CkptstoreTrainerMixin:
         scaler = getattr(hf.accelerator, "scaler", None)
         if scaler is not None and "scaler" in top:
             target["scaler"] = scaler
-        rng = _rng_holder()
+        self.checkpoint_manager.restore(target, step=step)
         if "rng" in top:
-            target["rng"] = PerRank(rng)
-        info = self.checkpoint_manager.restore(target, step=step, strict=False)
-        if "rng" in top and not info.missing_per_rank:
-            self._ckptstore_rng = rng
-        elif "rng" in top:
-            log.warning("step %d holds no RNG state of this rank (saved at another world size): not restored", step)
+            rng = rng_holder()
+            info = self.checkpoint_manager.restore({"rng": PerRank(rng)}, step=step, strict=False)
+            if info.missing_per_rank:
+                log.warning("step %d holds no RNG state of this rank (saved at another world size): not restored", step)
+            else:
+                self._ckptstore_rng = rng
         return None
 
     def _load_scaler(self, checkpoint: str | None) -> None:
