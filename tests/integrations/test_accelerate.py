@@ -40,7 +40,7 @@ class Counter:
 def _setup(seed: int, seedable: bool) -> tuple[Accelerator, Any, Any, Any, Any, Counter]:
     acc = Accelerator(
         cpu=True,
-        gradient_accumulation_steps=2,
+        gradient_accumulation_steps=3,  # 10 batches an epoch: the position carries over epochs
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=seedable, data_seed=7 if seedable else None),
     )
     torch.manual_seed(seed)
@@ -149,3 +149,19 @@ def test_load_state_refuses_other_objects_before_changing_anything(tmp_path: Pat
         with pytest.raises(StateMismatchError, match="prepared in the same order"):
             load_state(other, mgr)
         assert _same(m2.state_dict(), before)
+
+
+def test_counters_and_seedable_sampler_position_come_back(tmp_path: Path) -> None:
+    acc, model, opt, loader, sched, counter = _setup(1, True)
+    loader.set_epoch(3)
+    acc.step = 2  # mid-accumulation (a save between two micro-batches)
+    with CheckpointManager(tmp_path / "ckpt") as mgr:
+        save_state(acc, mgr, step=7)
+        save_state(acc, mgr, step=8)
+        assert acc.save_iteration == 2
+        fresh = _setup(2, True)
+        assert fresh[0].step == 0 and fresh[0].save_iteration == 0
+        load_state(fresh[0], mgr, step=7)
+        assert fresh[0].step == 2 and fresh[0].save_iteration == 1
+        sampler = fresh[3].get_sampler()
+        assert sampler.epoch == 3 and sampler.initial_seed == loader.get_sampler().initial_seed
