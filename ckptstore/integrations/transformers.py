@@ -192,8 +192,9 @@ class CkptstoreTrainerMixin:
             p = os.fspath(resume)
             if os.path.isfile(os.path.join(p, TRAINER_STATE_NAME)):
                 return None  # a regular Hugging Face checkpoint directory: the Trainer's own path
+            want = _norm_url(p)
             for s in mgr.steps():
-                if mgr.info(s).url.rstrip("/") == p.rstrip("/"):
+                if _norm_url(mgr.info(s).url) == want:
                     return s
             raise CheckpointNotFoundError(
                 f"resume_from_checkpoint={p!r} is neither a Hugging Face checkpoint directory nor a step of "
@@ -309,6 +310,13 @@ class CkptstoreTrainerMixin:
         model = hf.accelerator.unwrap_model(hf.model)
         mgr.restore({"model": model}, step=best)
         return None
+
+
+def _norm_url(url: str) -> str:
+    """A step's URL or local path in one spelling (``file://`` dropped, local paths absolute)."""
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    return os.path.abspath(url.removeprefix("file://"))
 
 
 def _finite_metrics(entry: dict[str, Any]) -> dict[str, Any]:

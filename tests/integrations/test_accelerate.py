@@ -152,7 +152,7 @@ def test_load_state_refuses_other_objects_before_changing_anything(tmp_path: Pat
 
 
 def test_counters_and_seedable_sampler_position_come_back(tmp_path: Path) -> None:
-    acc, model, opt, loader, sched, counter = _setup(1, True)
+    acc, _, _, loader, _, _ = _setup(1, True)
     loader.set_epoch(3)
     acc.step = 2  # mid-accumulation (a save between two micro-batches)
     with CheckpointManager(tmp_path / "ckpt") as mgr:
