@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -287,3 +289,20 @@ def test_save_last_link_and_async_failure_reraised(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="regular file"):
         io.teardown()
     io.teardown()  # reported once
+
+
+@pytest.mark.timeout(60)
+def test_importing_ckptstore_imports_no_framework() -> None:
+    # A fresh interpreter: importing ckptstore and the integrations package must not pull in any framework.
+    code = (
+        "import sys, ckptstore, ckptstore.integrations\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
+        "'lightning_fabric', 'transformers', 'accelerate'))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=50)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "[]"
