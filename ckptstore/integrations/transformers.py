@@ -49,7 +49,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 
 from .. import CheckpointManager, PendingSave, PerRank
-from ..errors import CheckpointNotFoundError, ConfigError
+from ..errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError
 from ..format.manifest import step_dir
 from ._rng import rng_holder, rng_state, set_rng_state
 
@@ -141,14 +141,22 @@ class CkptstoreTrainerMixin:
             state["rng"] = PerRank(rng_state())
         # exactly what trainer_state.json would hold (the Trainer's save_to_json: asdict + json.dumps)
         trainer_state = json.loads(json.dumps(dataclasses.asdict(hf.state)))
-        result = mgr.save(
-            step,
-            state,
-            epoch=int(hf.state.epoch) if hf.state.epoch is not None else None,
-            metrics=_finite_metrics(hf.state.log_history[-1] if hf.state.log_history else {}),
-            metadata={"framework": "transformers", "parts": sorted(state), _META_KEY: trainer_state},
-            blocking=self.checkpoint_blocking,
-        )
+        try:
+            result = mgr.save(
+                step,
+                state,
+                epoch=int(hf.state.epoch) if hf.state.epoch is not None else None,
+                metrics=_finite_metrics(hf.state.log_history[-1] if hf.state.log_history else {}),
+                metadata={"framework": "transformers", "parts": sorted(state), _META_KEY: trainer_state},
+                blocking=self.checkpoint_blocking,
+            )
+        except CheckpointExistsError as e:
+            raise CheckpointExistsError(
+                f"{e} -- {mgr.url} already holds step {step} of an earlier run, and ckptstore never overwrites a "
+                "committed step: resume it with train(resume_from_checkpoint=True), or give this run another "
+                "checkpoint_root",
+                step=step,
+            ) from e
         if isinstance(result, PendingSave):
             self._ckptstore_pending = result
         else:
@@ -223,6 +231,15 @@ class CkptstoreTrainerMixin:
                         f"resume_from_checkpoint=True but {self.checkpoint_manager.url} has no committed step (and "
                         f"{hf.args.output_dir} no checkpoint-N directory); start without resume_from_checkpoint"
                     )
+        elif hf.args.should_save and hf.args.save_strategy != "no":
+            existing = self.checkpoint_manager.steps()
+            if existing:
+                raise CheckpointExistsError(
+                    f"{self.checkpoint_manager.url} already holds steps {existing} of an earlier run, and ckptstore "
+                    "never overwrites a committed step: resume with train(resume_from_checkpoint=True), give this run "
+                    "another checkpoint_root, or delete those steps (ckptstore prune / CheckpointManager.delete)",
+                    step=existing[-1],
+                )
         stub = None
         try:
             if step is not None:

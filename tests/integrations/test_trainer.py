@@ -16,7 +16,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from ckptstore import CheckpointManager
-from ckptstore.errors import CheckpointNotFoundError
+from ckptstore.errors import CheckpointExistsError, CheckpointNotFoundError
 from ckptstore.integrations.transformers import CkptstoreTrainer
 
 pytestmark = [pytest.mark.integrations, pytest.mark.timeout(180)]
@@ -165,6 +165,12 @@ def test_resume_by_step_number_rotation_and_errors(tmp_path: Path, reference: di
     # That resumed run saved 6 again (ckptstore's lineage supersedes the first run's step 6) and 8.
     mgr = CheckpointManager(root)
     assert mgr.steps() == [6, 8] and mgr.info(6).generation == 2
+
+    # Training from scratch into a root that holds an earlier run's steps stops at the first save, with the way out.
+    again = CkptstoreTrainer(model=_model(1), args=args, train_dataset=Tokens(), checkpoint_manager=mgr)
+    with pytest.raises(CheckpointExistsError, match="resume_from_checkpoint=True"):
+        again.train()
+    assert mgr.steps() == [6, 8]
 
     empty = CkptstoreTrainer(
         model=_model(1), args=_args(tmp_path / "o2"), train_dataset=Tokens(), checkpoint_root=tmp_path / "none"
