@@ -306,3 +306,30 @@ def test_importing_ckptstore_imports_no_framework() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=50)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_s3_dirpath_resume_from_last_ckpt(
+    s3_root: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, uninterrupted: dict[str, Any]
+) -> None:
+    url, opts = s3_root
+    # Lightning lists dirpath with its own fsspec (no storage options): point botocore at the moto server.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", opts["client_kwargs"]["endpoint_url"])
+    dirpath = f"{url}/ckpts"
+    _fit(2, [ModelCheckpoint(dirpath=dirpath, save_last=True)], [CkptstoreCheckpointIO(storage_options=opts)])
+    with CheckpointManager(f"{dirpath}/last.ckpt", storage_options=opts) as mgr:
+        assert mgr.steps() == [12]
+    count = CountBatches()
+    ckpt = ModelCheckpoint(dirpath=dirpath, save_last=True)
+    # An explicit path: Lightning's own ckpt_path="last" lookup drops the s3:// of the listed names (a Lightning
+    # limitation with any CheckpointIO), so it finds nothing on S3.
+    last = f"{dirpath}/last.ckpt"
+    model = _fit(4, [ckpt, count], [CkptstoreCheckpointIO(storage_options=opts)], ckpt_path=last, seed=2)
+    assert count.n == 12 and _same(model.state_dict(), uninterrupted["params"])
+    with CheckpointManager(f"{dirpath}/last.ckpt", storage_options=opts) as mgr:
+        assert mgr.steps() == [24]
+    # save_top_k=1 (no monitor) kept one epoch=... root and removed the previous ones entirely.
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **opts)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(dirpath.removeprefix("s3://"), refresh=True))
+    assert names == ["epoch=3-step=24.ckpt", "last.ckpt"], names
