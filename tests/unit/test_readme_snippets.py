@@ -24,6 +24,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 EXAMPLE_ENDPOINT = "http://127.0.0.1:9000"
 
 _PRELUDE = """
+from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
