@@ -408,6 +408,9 @@ class Lineage:
         self.last_saved: tuple[int, int] | None = None
         self.restored: tuple[int, int] | None = None
 
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
     def saved(self, step: int, generation: int) -> None:
         with self._lock:
             self.last_saved, self.restored = (step, generation), None

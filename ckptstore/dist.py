@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import itertools
 import json
@@ -109,8 +110,9 @@ def same_error(failures: Sequence[RankFailure], rank: int) -> BaseException:
     if chosen.rank == rank and e is not None:
         return e  # this rank's own exception, traceback included
     if isinstance(e, CheckpointError):
-        e.args = (f"rank {chosen.rank}: {e}", *e.args[1:])
-        return e
+        named = copy.copy(e)  # the received copy stays as it came (a policy may be asked more than once)
+        named.args = (f"rank {chosen.rank}: {e}", *e.args[1:])
+        return named
     return DistributedSaveError(str(chosen), failed_ranks={f.rank: f"{f.kind}: {f.message}" for f in failures})
 
 

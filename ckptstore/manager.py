@@ -417,6 +417,7 @@ class CheckpointManager:
         self._pid = os.getpid()
         self._background.after_fork()
         self._tiers.after_fork()
+        self._lineage.after_fork()
         self.preparer.after_fork()
 
     # -- inference artifacts (ckptstore.artifacts) ---------------------------------------------------------------

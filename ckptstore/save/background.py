@@ -181,6 +181,3 @@ class Background:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-
-    def __repr__(self) -> str:
-        return f"Background(pending={self.pending!r})"
