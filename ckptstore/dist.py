@@ -62,8 +62,12 @@ class RankFailure:
     type and fields; other exceptions travel as ``kind`` and ``message`` only)."""
 
     @classmethod
-    def of(cls, rank: int, e: BaseException, *, portable: bool) -> RankFailure:
-        return cls(rank, type(e).__name__, str(e), _portable(e) if portable else e)
+    def of(cls, rank: int, e: BaseException) -> RankFailure:
+        return cls(rank, type(e).__name__, str(e), e)
+
+    def portable(self) -> RankFailure:
+        """This failure as it travels to other ranks (see :func:`_portable`)."""
+        return RankFailure(self.rank, self.kind, self.message, _portable(self.error) if self.error else None)
 
     def __str__(self) -> str:
         return f"rank {self.rank}: {self.kind}: {self.message}"
@@ -187,7 +191,11 @@ class Comm:
         try:
             return fn(), None
         except Exception as e:
-            return None, RankFailure.of(self.rank, e, portable=self.is_distributed)
+            return None, RankFailure.of(self.rank, e)
+
+    def _send(self, f: RankFailure | None) -> RankFailure | None:
+        """What goes into a collective for this rank's failure (one process: nothing travels, nothing copied)."""
+        return f.portable() if f is not None and self.is_distributed else f
 
     def _raise(self, failures: Sequence[RankFailure], own: RankFailure | None, fail: FailPolicy) -> None:
         if own is not None and own.error is not None and not self.is_distributed:
@@ -202,7 +210,7 @@ class Comm:
         """Every rank runs ``fn``; one ``all_gather`` tells every rank who failed. Returns this rank's result, or
         raises on every rank what ``fail`` makes of the failures."""
         value, own = self._attempt(fn)
-        failures = [f for f in self.all_gather(own, what=what) if f is not None]
+        failures = [f for f in self.all_gather(self._send(own), what=what) if f is not None]
         if failures:
             self._raise(failures, own, fail)
         return value  # type: ignore[return-value]
@@ -214,7 +222,7 @@ class Comm:
         out = _Outcome()
         if self.rank == 0:
             value, own = self._attempt(fn)
-            out = _Outcome(value, (own,) if own is not None else ())
+            out = _Outcome(value, (self._send(own),) if own is not None else ())
         out = self.broadcast(out, what=what)
         if out.failures:
             self._raise(out.failures, own, fail)
@@ -232,14 +240,14 @@ class Comm:
         them (in rank order); every rank gets its result, or raises what ``fail`` makes of the failures. Two
         collectives (``gather``, ``broadcast``) whatever happens."""
         value, own = self._attempt(local)
-        got = self.gather((value, own), what=f"gather for {what}")
+        got = self.gather((value, self._send(own)), what=f"gather for {what}")
         out = _Outcome()
         if self.rank == 0:
             assert got is not None
             failures = tuple(f for _, f in got if f is not None)
             if not failures:
                 result, own = self._attempt(lambda: coordinate([v for v, _ in got]))
-                failures = (own,) if own is not None else ()
+                failures = (self._send(own),) if own is not None else ()
                 out = _Outcome(result, failures)
             else:
                 out = _Outcome(None, failures)

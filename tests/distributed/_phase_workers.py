@@ -68,7 +68,9 @@ def phases(rank: int, world: int) -> dict[str, Any]:
     out["prep"] = _outcome(
         lambda: comm.gather_decide("plan", lambda: _unstorable_on_rank1(rank), lambda xs: xs, fail=plan_fail)
     )
-    out["gathered"] = _outcome(lambda: comm.gather_decide("plan", lambda: [rank], sum, fail=plan_fail))
+    out["gathered"] = _outcome(
+        lambda: comm.gather_decide("plan", lambda: [rank], lambda xs: [x for v in xs for x in v], fail=plan_fail)
+    )
     out["refused"] = _outcome(lambda: comm.gather_decide("plan", lambda: rank, _refuse, fail=plan_fail))
     write_fail = rank_errors("step 4 was not committed", "; the previous steps are untouched")
     out["write"] = _outcome(
