@@ -25,7 +25,7 @@ from .restore.reader import Reader
 from .restore.select import StepSpec
 from .retention import coerce_retention
 from .save.background import Background, PendingSave
-from .save.prepare import Preparer, SaveJob, flat_nbytes
+from .save.prepare import Preparer, SaveJob
 from .save.protocol import SaveProtocol
 from .storage import Storage, open_storage
 from .tiers import Tiers
@@ -228,28 +228,12 @@ class CheckpointManager:
         self.comm.ensure()  # a group is created here, on the caller's thread, never by the background save
         job = SaveJob.new(step, epoch=epoch, metrics=metrics, metadata=metadata)
         pickle_ok = self.allow_pickle if allow_pickle is None else allow_pickle
-        prep = self.preparer
-        try:
-            flat = prep.flatten(state, rank=self.comm.rank, allow_pickle=pickle_ok)
-            if not blocking and not prep.fits(flat):
-                log.warning(
-                    "step %d: state (%.1f MiB) exceeds the staging budget (%.1f MiB); saving synchronously",
-                    step,
-                    flat_nbytes(flat) / 2**20,
-                    (self.io.staging_budget_bytes or 0) / 2**20,
-                )
-                blocking = True
-            if not blocking and self.overlap_staging:
-                ov = prep.overlap_begin(job, flat)
-                finish = functools.partial(prep.overlap_finish, job, ov)
-                return self._background.overlapped(job, finish, self.protocol.run, distributed=self.comm.is_distributed)
-            prep.job(job, flat, stage=not blocking)
-        except Exception as e:
-            if not self.comm.is_distributed:
-                raise
-            # Take part in the protocol anyway, so the other ranks learn about the failure at once instead of
-            # waiting for a collective that this rank would never join.
-            job.prep_error, blocking = e, True
+        blocking, ov = self.preparer.prepare(
+            job, state, rank=self.comm.rank, allow_pickle=pickle_ok, blocking=blocking, overlapped=self.overlap_staging
+        )
+        if ov is not None:
+            finish = functools.partial(self.preparer.overlap_finish, job, ov)
+            return self._background.overlapped(job, finish, self.protocol.run, distributed=self.comm.is_distributed)
         if blocking:
             return self.protocol.run(job)
         return self._background.submit(job, self.protocol.run)

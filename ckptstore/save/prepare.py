@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import io as _pyio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from ..io import Box, Source, _parallel, sample_crc, tensor_bytes, tensor_local_
 from ..options import IOOptions
 from ..plan import LocalSpec
 from ..staging import StagingPool
+
+log = logging.getLogger("ckptstore")
 
 
 @dataclass
@@ -109,8 +112,32 @@ class Preparer:
     def flatten(state: Any, *, rank: int, allow_pickle: bool) -> Flat:
         return flatten(state, rank=rank, allow_pickle=allow_pickle)
 
-    def fits(self, flat: Flat) -> bool:
-        return self.staging.fits(flat_nbytes(flat))
+    def prepare(
+        self, job: SaveJob, state: Any, *, rank: int, allow_pickle: bool, blocking: bool, overlapped: bool
+    ) -> tuple[bool, Overlapped | None]:
+        """Fill ``job`` from ``state``; returns whether the save runs blocking, and for an overlapped save the part
+        still to copy. An async save over the staging budget runs blocking. In a distributed job a failure is
+        kept in ``job.prep_error`` and the save runs blocking: this rank still takes part in the protocol, so the
+        others learn of it at once instead of waiting for a collective it would never join."""
+        try:
+            flat = self.flatten(state, rank=rank, allow_pickle=allow_pickle)
+            if not blocking and not self.staging.fits(flat_nbytes(flat)):
+                log.warning(
+                    "step %d: state (%.1f MiB) exceeds the staging budget (%.1f MiB); saving synchronously",
+                    job.step,
+                    flat_nbytes(flat) / 2**20,
+                    (self.io.staging_budget_bytes or 0) / 2**20,
+                )
+                blocking = True
+            if not blocking and overlapped:
+                return False, self.overlap_begin(job, flat)
+            self.job(job, flat, stage=not blocking)
+        except Exception as e:
+            if not self.distributed:
+                raise
+            job.prep_error = e
+            return True, None
+        return blocking, None
 
     def job(self, job: SaveJob, flat: Flat, *, stage: bool) -> SaveJob:
         """``job`` with its tree, sources and specs (staged into host buffers when ``stage``)."""
