@@ -80,8 +80,8 @@ class CheckpointManager:
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root).strip():
             # "" would silently be the current directory: say "." for that.
             raise ConfigError(f"root must be a non-empty path or URL (use '.' for the current directory), got {root!r}")
-        self.storage: Storage = open_storage(os.fspath(root), storage_options, io=self.io)
-        self.url = self.storage.url
+        storage = open_storage(os.fspath(root), storage_options, io=self.io)
+        self.url = storage.url
         self.allow_pickle = allow_pickle
         self.async_save = async_save
         if not isinstance(overlap_staging, bool):
@@ -93,13 +93,11 @@ class CheckpointManager:
         )  # no collective yet: created at the first save
         # Tiered storage: commit on the (fast, local) primary, then copy each committed step to the mirror in
         # the background; restore takes the newest verified step of either tier.
-        self.mirror_storage: Storage | None = (
-            open_storage(os.fspath(mirror), mirror_storage_options, io=self.io) if mirror is not None else None
-        )
-        if self.mirror_storage is not None and self.mirror_storage.url == self.storage.url:
-            raise ConfigError(f"mirror {self.mirror_storage.url} is the same location as the root")
-        self.catalog = Catalog(self.storage, "primary", rank=comm.rank)
-        mirror_cat = Catalog(self.mirror_storage, "mirror", rank=comm.rank) if self.mirror_storage else None
+        mirror_st = open_storage(os.fspath(mirror), mirror_storage_options, io=self.io) if mirror is not None else None
+        if mirror_st is not None and mirror_st.url == storage.url:
+            raise ConfigError(f"mirror {mirror_st.url} is the same location as the root")
+        self.catalog = Catalog(storage, "primary", rank=comm.rank)
+        mirror_cat = Catalog(mirror_st, "mirror", rank=comm.rank) if mirror_st is not None else None
         self._tiers = Tiers(self.catalog, mirror_cat, threads=self.io.threads, retention=self.retention)
         self._lineage = Lineage()
         self.preparer = Preparer(self.io, comm.is_distributed)
@@ -134,6 +132,26 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.url!r})"
+
+    # The storages are the catalogs' (every collaborator reads them from there): replacing one (a test wrapping it
+    # in a fault injector, a tool adding instrumentation) takes effect everywhere.
+    @property
+    def storage(self) -> Storage:
+        return self.catalog.storage
+
+    @storage.setter
+    def storage(self, st: Storage) -> None:
+        self.catalog.storage = st
+
+    @property
+    def mirror_storage(self) -> Storage | None:
+        return self._tiers.mirror.storage if self._tiers.mirror is not None else None
+
+    @mirror_storage.setter
+    def mirror_storage(self, st: Storage) -> None:
+        if self._tiers.mirror is None:
+            raise ConfigError(f"{self!r} has no mirror tier")
+        self._tiers.mirror.storage = st
 
     # -- listing --------------------------------------------------------------------------------------------
     @property
