@@ -1,4 +1,5 @@
-"""Nested training state <-> (JSON tree, flat tensor table). Pure: no I/O, no collectives.
+"""The state-tree schema, in one place: nested training state <-> (JSON tree, flat tensor table), the checks of
+a stored tree, and the node accessors every reader uses. Pure: no I/O, no collectives.
 
 The tree keeps containers exactly (dict with str *and int* keys, list, tuple), JSON leaves (incl. inf/nan),
 torch dtypes/devices/sizes, and references to tensors by flat key such as ``optim/state/0/exp_avg``. Objects
@@ -8,7 +9,7 @@ with ``state_dict()`` / ``load_state_dict()`` are stored as their state dict, ta
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,28 +295,6 @@ def check_device(v: Any, where: str = "manifest") -> torch.device:
         raise ManifestError(f"{where}: invalid device {v!r}") from None
 
 
-def tree_keys(node: Any) -> list[str]:
-    """Every tensor/pickle key referenced by a tree, in order."""
-    out: list[str] = []
-
-    def walk(n: Any) -> None:
-        if isinstance(n, dict):
-            t = n.get("t")
-            if t in ("tensor", "pickle"):
-                out.append(n["key"])
-            elif t in ("dict", "list", "tuple"):
-                for v in n["v"]:
-                    walk(v)
-            elif t == "stateful":
-                walk(n["v"])
-            elif t == "per_rank":
-                for v in n["v"].values():
-                    walk(v)
-
-    walk(node)
-    return out
-
-
 def unflatten(
     node: Any,
     get: Callable[[str, dict[str, Any]], Any],
@@ -373,3 +352,72 @@ def unflatten(
             raise ManifestError(f"invalid torch.Size {v!r} in the state tree")
         return torch.Size(v)
     raise ManifestError(f"unknown state tree node type {t!r}")
+
+
+# -- node accessors: how readers of a stored tree see its nodes ----------------------------------------------------
+def unwrap(node: Any, rank: int) -> Any:
+    """``node`` without its ``stateful`` wrappers and with ``per_rank`` resolved to ``rank``'s value (None when
+    the step holds no value of that rank)."""
+    while isinstance(node, dict):
+        t = node.get("t")
+        if t == "stateful":
+            node = node.get("v")
+        elif t == "per_rank":
+            per = node.get("v") or {}
+            node = per.get(str(rank))
+        else:
+            break
+    return node
+
+
+def tensor_key(node: Any) -> str | None:
+    """The manifest key a ``tensor`` node refers to, or None for any other node."""
+    if isinstance(node, dict) and node.get("t") == "tensor" and isinstance(node.get("key"), str):
+        return node["key"]
+    return None
+
+
+def dict_items(node: Any) -> dict[Any, Any] | None:
+    """The children of a ``dict`` node by key, or None when ``node`` is not one."""
+    if isinstance(node, dict) and node.get("t") == "dict":
+        return dict(zip(node["k"], node["v"]))
+    return None
+
+
+def seq_items(node: Any) -> list[Any] | None:
+    """The children of a ``list``/``tuple`` node, or None when ``node`` is neither."""
+    if isinstance(node, dict) and node.get("t") in ("list", "tuple"):
+        return list(node["v"])
+    return None
+
+
+def seq_kind(node: Any) -> type | None:
+    """``list`` or ``tuple`` for a sequence node, else None."""
+    t = node.get("t") if isinstance(node, dict) else None
+    return list if t == "list" else tuple if t == "tuple" else None
+
+
+def merge_trees(trees: Sequence[Any]) -> Any:
+    """Rank 0's tree, with every rank's ``per_rank`` subtrees merged in (the tree a multi-rank manifest stores)."""
+    base = trees[0]
+    if len(trees) == 1:
+        return base
+
+    def merge(a: Any, others: list[Any]) -> Any:
+        if not isinstance(a, dict):
+            return a
+        t = a.get("t")
+        if t == "per_rank":
+            merged = dict(a["v"])
+            for o in others:
+                if isinstance(o, dict) and o.get("t") == "per_rank":
+                    merged.update(o["v"])
+            return {"t": "per_rank", "v": dict(sorted(merged.items(), key=lambda kv: int(kv[0])))}
+        if t in ("dict", "list", "tuple"):
+            kids = [o.get("v", []) if isinstance(o, dict) else [] for o in others]
+            return {**a, "v": [merge(v, [k[i] for k in kids if i < len(k)]) for i, v in enumerate(a["v"])]}
+        if t == "stateful":
+            return {**a, "v": merge(a["v"], [o.get("v") for o in others if isinstance(o, dict)])}
+        return a
+
+    return merge(base, list(trees[1:]))

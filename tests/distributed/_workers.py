@@ -238,7 +238,7 @@ def ddp_overlap(rank: int, world: int, root: str) -> dict[str, Any]:
     except CheckpointError as e:
         out["bn_save"] = f"{type(e).__name__}: {e}"
     out["bn_want"] = want
-    out["bn_staged"] = mgr._staging._bufs["bn/1.acc"].clone()
+    out["bn_staged"] = mgr.preparer.staging._bufs["bn/1.acc"].clone()
     out["bn_now"] = acc_model[1].acc.clone()
     mgr.close()
     return out
@@ -251,14 +251,14 @@ def schedule_during_async_save(rank: int, world: int, root: str) -> dict[str, An
     mgr = CheckpointManager(root, io=IOOptions(timeout_seconds=20))
     schedule = mgr.on_preemption(signals=(), every_steps=2)
     go = threading.Event()
-    orig = mgr._run_save
+    orig = mgr.protocol.run  # the save protocol a background save runs: ckptstore.save.protocol.SaveProtocol.run
 
     def held(job: Any) -> Any:
         go.wait(30)
         return orig(job)
 
     if rank == 1:
-        mgr._run_save = held  # type: ignore[method-assign]
+        mgr.protocol.run = held  # type: ignore[method-assign]
     pending = mgr.save(1, {"w": torch.full((1000,), 1.0)}, blocking=False)
     if rank == 0:
         time.sleep(0.5)  # rank 0's background save is inside its first collective by now

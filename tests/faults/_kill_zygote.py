@@ -237,16 +237,16 @@ def run_retention(cfg: dict[str, Any], seed: int, status: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     in_retention = {"on": False}
-    orig = mgr._apply_retention
+    orig = mgr.catalog.apply_retention  # retention after a commit: ckptstore.catalog.Catalog.apply_retention
 
-    def apply(committed: int, tier: str = "primary") -> Any:
+    def apply(policy: Any, committed: int, protect: set[int]) -> Any:
         in_retention["on"] = True
         try:
-            return orig(committed, tier)
+            return orig(policy, committed, protect)
         finally:
             in_retention["on"] = False
 
-    mgr._apply_retention = apply  # type: ignore[method-assign]
+    mgr.catalog.apply_retention = apply  # type: ignore[method-assign]
     for op in ("remove", "remove_tree", "sync_dir"):
         fs.add(Fault("call", op=op, times=None, fn=on_delete))
     note(status, f"PLAN deletion {k}/{deletions} {how}")

@@ -40,13 +40,13 @@ WRITE_FAULTS = {
 
 def _spy_retention(mgr: Any) -> list[int]:
     calls: list[int] = []
-    orig = mgr._apply_retention
+    orig = mgr.catalog.apply_retention  # retention after a commit: ckptstore.catalog.Catalog.apply_retention
 
-    def spy(committed: int, tier: str = "primary") -> Any:
+    def spy(policy: Any, committed: int, protect: set[int]) -> Any:
         calls.append(committed)
-        return orig(committed, tier)
+        return orig(policy, committed, protect)
 
-    mgr._apply_retention = spy
+    mgr.catalog.apply_retention = spy
     return calls
 
 
@@ -231,16 +231,16 @@ def test_retention_io_error_never_fails_a_committed_save(backend: Backend, where
     s1, s2, s3_ = make_state(1), make_state(2), make_state(3)
     mgr.save(1, s1)
     fs = inject(mgr)
-    orig = mgr._apply_retention
+    orig = mgr.catalog.apply_retention
 
-    def arm(committed: int, tier: str = "primary") -> Any:
+    def arm(policy: Any, committed: int, protect: set[int]) -> Any:
         fs.add(make_fault())
         try:
-            return orig(committed, tier)
+            return orig(policy, committed, protect)
         finally:
             fs.clear()
 
-    mgr._apply_retention = arm
+    mgr.catalog.apply_retention = arm
     res = mgr.save(2, s2)
     assert res.step == 2 and res.deleted_steps == ()  # nothing was deleted, and none is claimed
     fresh = backend.manager()
@@ -249,7 +249,7 @@ def test_retention_io_error_never_fails_a_committed_save(backend: Backend, where
         assert_state(fresh.load(s), {1: s1, 2: s2}[s], f"step {s}")
     fresh.gc(min_age_seconds=0)  # a step whose manifest went first is garbage now
     backend.only_committed(fresh, visible)
-    mgr._apply_retention = orig
+    mgr.catalog.apply_retention = orig
     assert mgr.save(3, s3_).deleted_steps == tuple(s for s in visible if s != 3)
     assert backend.manager().steps() == [3]
     backend.only_committed(mgr, [3])

@@ -430,10 +430,10 @@ def test_async_staging_buffers_are_reused_and_budget_respected(tmp_path: Path, c
     w = torch.randn(1 << 16)
     with CheckpointManager(str(tmp_path / "c")) as mgr:
         mgr.save(1, {"w": w}, blocking=False).wait()
-        ptr = mgr._staging._bufs["w"].data_ptr()
+        ptr = mgr.preparer.staging._bufs["w"].data_ptr()
         w.add_(1)
         mgr.save(2, {"w": w}, blocking=False).wait()
-        assert mgr._staging._bufs["w"].data_ptr() == ptr  # warm buffer reused, no fresh allocation
+        assert mgr.preparer.staging._bufs["w"].data_ptr() == ptr  # warm buffer reused, no fresh allocation
         assert torch.equal(mgr.load(2)["w"], w) and not torch.equal(mgr.load(1)["w"], w)
     small = IOOptions(staging_budget_bytes=1024)
     with CheckpointManager(str(tmp_path / "d"), io=small) as mgr, caplog.at_level(logging.WARNING, "ckptstore"):
