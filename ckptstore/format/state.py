@@ -419,6 +419,30 @@ def seq_kind(node: Any) -> type | None:
     return list if t == "list" else tuple if t == "tuple" else None
 
 
+def per_rank_keys(tree: Any) -> set[str]:
+    """Keys of the tensors stored under ``PerRank`` nodes of a stored tree (each rank reads only its own)."""
+    out: set[str] = set()
+
+    def walk(n: Any, under: bool) -> None:
+        if not isinstance(n, dict):
+            return
+        t = n.get("t")
+        if t in ("tensor", "pickle"):
+            if under and isinstance(n.get("key"), str):
+                out.add(n["key"])
+        elif t == "per_rank":
+            for v in (n.get("v") or {}).values():
+                walk(v, True)
+        elif t in ("dict", "list", "tuple"):
+            for v in n.get("v") or ():
+                walk(v, under)
+        elif t == "stateful":
+            walk(n.get("v"), under)
+
+    walk(tree, False)
+    return out
+
+
 def merge_trees(trees: Sequence[Any]) -> Any:
     """Rank 0's tree, with every rank's ``per_rank`` subtrees merged in (the tree a multi-rank manifest stores)."""
     base = trees[0]

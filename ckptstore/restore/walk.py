@@ -28,9 +28,20 @@ from typing import Any
 
 import torch
 
+from ..dist import Comm
 from ..errors import IntegrityError, ManifestError, StateMismatchError, UnsafeCheckpointError, UnsupportedValueError
 from ..format.manifest import Manifest, Piece, TensorEntry, dtype_name, step_dir
-from ..format.state import PerRank, dict_items, is_stateful, seq_items, seq_kind, tensor_key, unflatten, unwrap
+from ..format.state import (
+    PerRank,
+    dict_items,
+    is_stateful,
+    per_rank_keys,
+    seq_items,
+    seq_kind,
+    tensor_key,
+    unflatten,
+    unwrap,
+)
 from ..io import ReadTask, plan_fill, read_pieces, tensor_bytes, tensor_local_box, verify_views
 from ..options import IOOptions
 from ..storage import Storage
@@ -192,9 +203,17 @@ def _check_dirty(rc: ReadCtx, dirty: dict[tuple[int, int], str]) -> None:
         )
 
 
-def apply_restore(rc: ReadCtx, io: IOOptions) -> None:
-    """Phase 2 of a restore: read and verify every piece, then make the deferred changes."""
-    read_pieces(rc.storage, rc.prefix, rc.tasks, io, step=rc.manifest.step)
+def apply_restore(rc: ReadCtx, io: IOOptions, comm: Comm | None = None) -> None:
+    """Phase 2 of a restore: read and verify every piece, then make the deferred changes. With a distributed
+    ``comm`` (every rank calls this), replicated pieces are read once per job and broadcast (``io.read_once``)."""
+    if comm is not None and comm.is_distributed and io.read_once:
+        from .shared import read_shared
+
+        local = per_rank_keys(rc.manifest.tree)  # each rank's own values: never shared
+        npieces = {k: len(e.pieces) for k, e in rc.manifest.tensors.items() if k not in local}
+        read_shared(rc.storage, rc.prefix, rc.tasks, io, comm, npieces=npieces, step=rc.manifest.step)
+    else:
+        read_pieces(rc.storage, rc.prefix, rc.tasks, io, step=rc.manifest.step)
     for fn in rc.deferred:
         fn()
 
