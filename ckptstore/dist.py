@@ -180,6 +180,10 @@ class Comm:
     def barrier(self, *, what: str = "barrier") -> None:
         return None
 
+    def broadcast_tensor(self, t: Any, *, src: int, what: str = "broadcast") -> None:
+        """Rank ``src``'s bytes of CPU tensor ``t`` into ``t`` on every rank (in place)."""
+        return None
+
     def ensure(self) -> None:
         """Create what the collectives need (a process group), if not done yet. Called by the manager on the
         caller's thread at the start of every operation that runs collectives, so that group creation (itself
@@ -323,6 +327,12 @@ class TorchComm(Comm):
 
     def barrier(self, *, what: str = "barrier") -> None:
         self._call(what, lambda: self._dist.barrier(group=self.group))
+
+    def broadcast_tensor(self, t: Any, *, src: int, what: str = "broadcast") -> None:
+        def run() -> None:
+            self._dist.broadcast(t, src=self._dist.get_global_rank(self.group, src), group=self.group)
+
+        self._call(what, run)
 
     def ensure(self) -> None:
         if self.group is not None:

@@ -64,6 +64,12 @@ class IOOptions:
     4 KiB blocks (cheap; catches a desynchronised replica, a rank-local counter or EMA, a per-rank optimizer
     shard); ``"full"``: crc32c of every byte; ``"off"``. A mismatch fails the save with ``DistributedSaveError``
     naming the key and the ranks: wrap per-rank values in ``PerRank`` or shard them as DTensors."""
+    read_once: bool = True
+    """Distributed restores: a piece every rank reads whole (DDP replicas, FSDP2's unsharded buffers) is read from
+    storage by one rank (owners balanced by bytes), checked there, and sent to the others over the checkpoint
+    process group, so a job reads each byte once whatever its world size. Pieces only some ranks need are read
+    by those ranks. A failed owner read falls back to direct reads with a warning. ``False``: every rank reads
+    everything it restores itself."""
     s3_single_writer: bool = False
     """S3: allow a server that ignores ``If-None-Match: *`` on ``PutObject`` (s3rver and other S3-compatible
     servers; AWS S3 and moto enforce it). The commit of a step relies on that condition: without it, two
@@ -85,7 +91,7 @@ class IOOptions:
                 if v not in ("sample", "full", "off"):
                     raise ConfigError(f"io.verify_replicas must be 'sample', 'full' or 'off', got {v!r}")
                 continue
-            if f.name in ("verify", "mmap_load", "s3_single_writer"):
+            if f.name in ("verify", "mmap_load", "s3_single_writer", "read_once"):
                 if not isinstance(v, bool):
                     raise ConfigError(f"io.{f.name} must be true or false, got {v!r}")
                 continue

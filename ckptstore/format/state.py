@@ -138,10 +138,18 @@ def flatten(state: Any, *, rank: int = 0, allow_pickle: bool = False) -> Flat:
     in which case they are recorded in ``Flat.pickles`` (and load only with ``trusted=True``).
     """
     flat = Flat(tree=None)
+    first_key: dict[tuple[Any, ...], str] = {}
 
     def add_tensor(key: str, t: torch.Tensor) -> dict[str, Any]:
         if key in flat.tensors or key in flat.pickles:
             raise UnsupportedValueError(f"two state entries map to the same key {key!r}; rename one of them")
+        # Tied weights (GPT-2's lm_head/wte) and other exact aliases are stored once: every later key refers
+        # to the first one, and readers hand back one tensor for both, as torch.load re-ties shared storage.
+        ident = _alias_id(t)
+        if ident is not None:
+            if ident in first_key:
+                return {"t": "tensor", "key": first_key[ident]}
+            first_key[ident] = key
         flat.tensors[key] = t
         return {"t": "tensor", "key": key}
 
@@ -155,6 +163,12 @@ def flatten(state: Any, *, rank: int = 0, allow_pickle: bool = False) -> Flat:
                 return refuse(obj, key, f"a {obj.layout} tensor")
             if obj.is_quantized or obj.dtype not in _STORABLE_SET:
                 return refuse(obj, key, f"a tensor of dtype {obj.dtype} (quantized and packed dtypes are not stored)")
+            if obj.device.type == "meta":
+                raise UnsupportedValueError(
+                    f"cannot save the tensor at {key or '<root>'!r}: it is on the meta device and has no data. "
+                    "Materialise the model first (e.g. model.to_empty(device='cpu') and initialise it, or restore "
+                    "weights into it)"
+                )
             return add_tensor(key or "tensor", obj)
         if obj is None or isinstance(obj, (bool, int, str)):
             return obj
@@ -201,6 +215,14 @@ def flatten(state: Any, *, rank: int = 0, allow_pickle: bool = False) -> Flat:
 
     flat.tree = walk(state, "", 0)
     return flat
+
+
+def _alias_id(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """Identity of the memory ``t`` views (same address, dtype, shape and strides), or None when it has none."""
+    local = getattr(t, "_local_tensor", t)  # a DTensor: its shard on this rank
+    if local.numel() == 0:
+        return None
+    return (local.data_ptr(), local.dtype, local.device, local.shape, local.stride(), t.shape)
 
 
 _FLOAT_TAGS = frozenset({"nan", "inf", "-inf"})
@@ -395,6 +417,30 @@ def seq_kind(node: Any) -> type | None:
     """``list`` or ``tuple`` for a sequence node, else None."""
     t = node.get("t") if isinstance(node, dict) else None
     return list if t == "list" else tuple if t == "tuple" else None
+
+
+def per_rank_keys(tree: Any) -> set[str]:
+    """Keys of the tensors stored under ``PerRank`` nodes of a stored tree (each rank reads only its own)."""
+    out: set[str] = set()
+
+    def walk(n: Any, under: bool) -> None:
+        if not isinstance(n, dict):
+            return
+        t = n.get("t")
+        if t in ("tensor", "pickle"):
+            if under and isinstance(n.get("key"), str):
+                out.add(n["key"])
+        elif t == "per_rank":
+            for v in (n.get("v") or {}).values():
+                walk(v, True)
+        elif t in ("dict", "list", "tuple"):
+            for v in n.get("v") or ():
+                walk(v, under)
+        elif t == "stateful":
+            walk(n.get("v"), under)
+
+    walk(tree, False)
+    return out
 
 
 def merge_trees(trees: Sequence[Any]) -> Any:

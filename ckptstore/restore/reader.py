@@ -88,7 +88,7 @@ class Reader:
                     )
 
                 rc = self._phase(f"restore plan of step {s}", plan, s, tier)
-                self._phase(f"restore outcome of step {s}", lambda: walk.apply_restore(rc, io), s, tier)
+                self._phase(f"restore outcome of step {s}", lambda: walk.apply_restore(rc, io, self.comm), s, tier)
             m = rc.manifest
             gen = generation_of(m)
             self.lineage.restored_from(s, gen)

@@ -28,9 +28,20 @@ from typing import Any
 
 import torch
 
+from ..dist import Comm
 from ..errors import IntegrityError, ManifestError, StateMismatchError, UnsafeCheckpointError, UnsupportedValueError
 from ..format.manifest import Manifest, Piece, TensorEntry, dtype_name, step_dir
-from ..format.state import PerRank, dict_items, is_stateful, seq_items, seq_kind, tensor_key, unflatten, unwrap
+from ..format.state import (
+    PerRank,
+    dict_items,
+    is_stateful,
+    per_rank_keys,
+    seq_items,
+    seq_kind,
+    tensor_key,
+    unflatten,
+    unwrap,
+)
 from ..io import ReadTask, plan_fill, read_pieces, tensor_bytes, tensor_local_box, verify_views
 from ..options import IOOptions
 from ..storage import Storage
@@ -66,6 +77,11 @@ class ReadCtx:
     """Target memory this pass sets in full once it verified (read into directly or copied in afterwards)."""
     missing_per_rank: list[str] = field(default_factory=list)
     """PerRank targets for which the step holds no value of this rank (saved at another world size)."""
+    filled: dict[tuple[int, int], str] = field(default_factory=dict)
+    """Target memory already planned, by tensor key: a tied weight is read once, not once per name."""
+    fresh_by_key: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Fresh tensors by key: keys stored once for several names (tied weights) come back as one tensor."""
+    final: dict[int, Any] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:
@@ -85,6 +101,7 @@ def check_trust(m: Manifest, trusted: bool) -> None:
 def plan_load(m: Manifest, *, map_location: Any, trusted: bool, storage: Storage, rank: int, map_files: bool) -> Any:
     """Phase 1 of ``load()``: fresh (unfilled) values for the whole tree and their reads, in ``(rc, value)``."""
     check_trust(m, trusted)
+    check_map_location(map_location)
     rc = ReadCtx(m, map_location, rank, storage, map_files=map_files)
     value = unflatten(m.tree, lambda key, node: fresh(rc, key), rank=rank)
     return rc, value
@@ -118,6 +135,7 @@ def plan_restore(
     ``dirty`` holds target memory that earlier failed attempts overwrote; the plan is refused unless it sets
     all of it again, and what its own reads will overwrite is added."""
     check_trust(m, trusted)
+    check_map_location(map_location)
     rc = ReadCtx(m, map_location, rank, storage, world_size=world_size)
     if is_stateful(state) or isinstance(state, torch.Tensor):
         _into(rc, state, m.tree, "", strict)
@@ -185,9 +203,17 @@ def _check_dirty(rc: ReadCtx, dirty: dict[tuple[int, int], str]) -> None:
         )
 
 
-def apply_restore(rc: ReadCtx, io: IOOptions) -> None:
-    """Phase 2 of a restore: read and verify every piece, then make the deferred changes."""
-    read_pieces(rc.storage, rc.prefix, rc.tasks, io, step=rc.manifest.step)
+def apply_restore(rc: ReadCtx, io: IOOptions, comm: Comm | None = None) -> None:
+    """Phase 2 of a restore: read and verify every piece, then make the deferred changes. With a distributed
+    ``comm`` (every rank calls this), replicated pieces are read once per job and broadcast (``io.read_once``)."""
+    if comm is not None and comm.is_distributed and io.read_once:
+        from .shared import read_shared
+
+        local = per_rank_keys(rc.manifest.tree)  # each rank's own values: never shared
+        npieces = {k: len(e.pieces) for k, e in rc.manifest.tensors.items() if k not in local}
+        read_shared(rc.storage, rc.prefix, rc.tasks, io, comm, npieces=npieces, step=rc.manifest.step)
+    else:
+        read_pieces(rc.storage, rc.prefix, rc.tasks, io, step=rc.manifest.step)
     for fn in rc.deferred:
         fn()
 
@@ -284,12 +310,18 @@ def _into_tuple(rc: ReadCtx, tgt: tuple[Any, ...], node: Any, path: str, strict:
 
 
 def _into_module(rc: ReadCtx, obj: torch.nn.Module, node: Any, path: str, strict: bool) -> None:
+    """Read into the module's own tensors where its loading is plain ``copy_`` (the fast path), and hand fresh
+    tensors to ``load_state_dict`` for the rest: submodules with their own ``_load_from_state_dict`` or a
+    load-state-dict pre-hook (lazy modules, quantization observers, QAT fake-quant), and every tensor of a module
+    on the meta device (then loaded with ``assign=True``, as ``load_state_dict(assign=True)`` would)."""
     cur = obj.state_dict(keep_vars=True)
     items = _items(rc, node, path)
     if items is None:
         return
     rc.missing += [f"{path}/{k}" if path else k for k in cur if k not in items]
     rc.unexpected += [f"{path}/{k}" if path else k for k in items if k not in cur]
+    own = _own_loading(obj)
+    assign = any(isinstance(v, torch.Tensor) and not _uninitialized(v) and v.is_meta for v in cur.values())
     new_sd: dict[str, Any] = {}
     for k, v in cur.items():
         if k not in items:
@@ -301,6 +333,9 @@ def _into_module(rc: ReadCtx, obj: torch.nn.Module, node: Any, path: str, strict
         if key is None:
             rc.problems.append(f"{path}/{k}: a tensor in the model, not in the checkpoint")
             continue
+        if assign or _uninitialized(v) or _owned(k, own):
+            new_sd[k] = _Pending(fresh_tree(rc, items[k]))  # the module's own loading logic takes it from here
+            continue
         fill_existing(rc, key, v.detach() if v.requires_grad else v, f"{path}/{k}")
         new_sd[k] = v
     for k in items:
@@ -310,11 +345,35 @@ def _into_module(rc: ReadCtx, obj: torch.nn.Module, node: Any, path: str, strict
     def load_module() -> None:
         sd = {k: (finalize(rc, v.value) if isinstance(v, _Pending) else v) for k, v in new_sd.items()}
         try:
-            obj.load_state_dict(sd, strict=strict)
-        except RuntimeError as e:
+            obj.load_state_dict(sd, strict=strict, assign=assign)
+        except (RuntimeError, ValueError) as e:
             raise StateMismatchError(f"{path or 'model'}: load_state_dict failed: {e}") from None
 
     rc.deferred.append(load_module)
+
+
+def _uninitialized(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
+
+
+def _own_loading(module: torch.nn.Module) -> frozenset[str]:
+    """Names of the submodules (``""``: the module itself) that load their state their own way."""
+    base = torch.nn.Module._load_from_state_dict
+    return frozenset(
+        name
+        for name, m in module.named_modules()
+        if type(m)._load_from_state_dict is not base or m._load_state_dict_pre_hooks
+    )
+
+
+def _owned(key: str, own: frozenset[str]) -> bool:
+    """Is state-dict entry ``key`` loaded by one of the submodules in ``own`` (itself or an ancestor)?"""
+    if not own:
+        return False
+    if "" in own:
+        return True
+    parts = key.split(".")[:-1]
+    return any(".".join(parts[: i + 1]) in own for i in range(len(parts)))
 
 
 def _into_object(rc: ReadCtx, obj: Any, node: Any, path: str) -> None:
@@ -379,7 +438,18 @@ def _entry(rc: ReadCtx, key: str) -> TensorEntry:
 
 
 def fresh(rc: ReadCtx, key: str) -> torch.Tensor:
-    """A new tensor for manifest entry ``key``, with its reads registered (or a view of a mapped shard file)."""
+    """A new tensor for manifest entry ``key``, with its reads registered (or a view of a mapped shard file).
+    A key asked for again (a tied weight stored once) gives the same tensor."""
+    got = rc.fresh_by_key.get(key)
+    if got is not None:
+        return got
+    t = _fresh(rc, key)
+    if id(t) not in rc.pickles:
+        rc.fresh_by_key[key] = t
+    return t
+
+
+def _fresh(rc: ReadCtx, key: str) -> torch.Tensor:
     e = _entry(rc, key)
     dt = e.torch_dtype
     if e.encoding == "pickle":
@@ -457,6 +527,8 @@ def fill_existing(rc: ReadCtx, key: str, tgt: torch.Tensor, path: str) -> None:
     if e.encoding != "raw":
         rc.problems.append(f"{path!r} is a tensor in the state but a pickled object in the checkpoint")
         return
+    if tgt.requires_grad:
+        tgt = tgt.detach()  # same memory; a copy into a leaf that requires grad would be an autograd error
     local, gshape, offs = tensor_local_box(tgt)
     if gshape != e.shape:
         rc.problems.append(f"{path!r}: shape {list(gshape)} in the state, {list(e.shape)} in the checkpoint")
@@ -465,6 +537,9 @@ def fill_existing(rc: ReadCtx, key: str, tgt: torch.Tensor, path: str) -> None:
         return
     dt = e.torch_dtype
     region = (local.data_ptr(), local.numel() * local.element_size())
+    if rc.filled.get(region) == key:
+        return  # a tied weight under a second name: the same bytes into the same memory, planned once
+    rc.filled[region] = key
     rc.covered.add(region)
     if local.device.type == "cpu" and local.is_contiguous() and local.dtype == dt:
         rc.written[region] = path
@@ -479,12 +554,12 @@ def fill_existing(rc: ReadCtx, key: str, tgt: torch.Tensor, path: str) -> None:
 def finalize(rc: ReadCtx, value: Any) -> Any:
     """A planned value made final once its reads verified: device moves done, trusted pickles loaded."""
     if isinstance(value, torch.Tensor):
-        if id(value) in rc.pickles:
-            dev = rc.map_location if isinstance(rc.map_location, (str, torch.device)) else None
-            # Trusted by the caller (checked in check_trust): this is the one place ckptstore unpickles.
-            return torch.load(_pyio.BytesIO(value.numpy().tobytes()), map_location=dev, weights_only=False)
-        dev = rc.moves.get(id(value))
-        return value.to(dev) if dev is not None else value
+        done = rc.final.get(id(value))
+        if done is not None:
+            return done  # one tensor in several places (tied weights): finished once, still one tensor
+        out = _finalize_tensor(rc, value)
+        rc.final[id(value)] = out
+        return out
     if isinstance(value, dict):
         return {k: finalize(rc, v) for k, v in value.items()}
     if isinstance(value, list):
@@ -492,6 +567,15 @@ def finalize(rc: ReadCtx, value: Any) -> Any:
     if isinstance(value, tuple) and not isinstance(value, torch.Size):
         return tuple(finalize(rc, v) for v in value)
     return value
+
+
+def _finalize_tensor(rc: ReadCtx, value: torch.Tensor) -> Any:
+    if id(value) in rc.pickles:
+        dev = rc.map_location if isinstance(rc.map_location, (str, torch.device)) else None
+        # Trusted by the caller (checked in check_trust): this is the one place ckptstore unpickles.
+        return torch.load(_pyio.BytesIO(value.numpy().tobytes()), map_location=dev, weights_only=False)
+    dev = rc.moves.get(id(value))
+    return value.to(dev) if dev is not None else value
 
 
 # -- map_location ----------------------------------------------------------------------------------------------------
@@ -503,6 +587,32 @@ def _device_ok(dev: torch.device) -> bool:
         return bool(mod is not None and mod.is_available())
     except Exception:  # some backends raise on is_available without drivers
         return False
+
+
+def unavailable_device(dev: torch.device) -> UnsupportedValueError:
+    return UnsupportedValueError(
+        f"map_location asks for device {dev}, which is not available here (torch.{dev.type}.is_available() is "
+        "False), as torch.load would refuse it; pass map_location='cpu' (or a mapping to a device this machine "
+        "has)"
+    )
+
+
+def check_map_location(ml: Any) -> None:
+    """Refuse up front a ``map_location`` naming a device this machine lacks (as ``torch.load`` does), also for
+    a restore into existing tensors, which keep their device; a callable is checked per tensor."""
+    if isinstance(ml, Mapping):
+        wanted = list(ml.values())
+    elif isinstance(ml, (str, torch.device)):
+        wanted = [ml]
+    else:
+        return
+    for d in wanted:
+        try:
+            dev = torch.device(d)
+        except (RuntimeError, TypeError, ValueError):
+            raise UnsupportedValueError(f"map_location names an invalid device {d!r}") from None
+        if not _device_ok(dev):
+            raise unavailable_device(dev)
 
 
 def _call_map_location(ml: Callable[..., Any], key: str, e: TensorEntry) -> Any:
@@ -535,6 +645,8 @@ def resolve_device(rc: ReadCtx, key: str, e: TensorEntry) -> torch.device:
         raise UnsupportedValueError(f"map_location must be None, str, torch.device, dict or callable, got {ml!r}")
     dev = torch.device(dev)
     if not _device_ok(dev):
+        if ml is not None:
+            raise unavailable_device(dev)
         if str(dev) not in rc.warned_devices:
             log.warning("device %s is not available here; loading to cpu instead", dev)
             rc.warned_devices.add(str(dev))
