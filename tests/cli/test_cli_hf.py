@@ -56,7 +56,9 @@ def test_export_format_hf(tmp_path: Path) -> None:
     assert doc["files"][-1] == "model.safetensors.index.json" and len(doc["files"]) > 3
     assert sorted(os.listdir(out)) == sorted(["config.json", *doc["files"]])
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(model.state_dict())
+    # The tied lm_head is stored once by ckptstore and written once, under the embedding's name, as save_pretrained.
+    assert doc["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert set(index["weight_map"]) == set(model.state_dict()) - {"lm_head.weight"}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out))
     assert torch.equal(_logits(loaded), _logits(model))
     # Exists: refused (exit 4, --force named), then replaced with --force; --dtype and --rename.

@@ -81,6 +81,19 @@ def config_dir(model: Any, tmp: Path) -> Path:
     return d
 
 
+def written_keys(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as it is stored and exported: a tensor under several names (tied weights) once, under its
+    first name (what save_pretrained writes too)."""
+    seen: set[tuple] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        ident = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride())
+        if ident not in seen:
+            seen.add(ident)
+            out[k] = v
+    return out
+
+
 def st_keys(out: Path) -> dict[str, str]:
     """tensor name -> safetensors dtype tag, over every weights file of an export."""
     found: dict[str, str] = {}
@@ -108,7 +121,7 @@ def test_export_loads_with_from_pretrained_and_gives_the_same_logits(tmp_path: P
     assert res.step == 10 and res.files == ["model.safetensors"] and res.copied == ["config.json"]
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # one file: no index, as transformers
     want = {k: v for k, v in model.state_dict().items()}
-    assert set(st_keys(out)) == set(want)
+    assert set(st_keys(out)) == set(written_keys(model))
     loaded = from_pretrained(kind, out)
     assert torch.equal(logits(loaded), logits(model))
     for k, v in loaded.state_dict().items():
@@ -133,7 +146,7 @@ def test_sharded_output_has_the_transformers_index(tmp_path: Path) -> None:
     assert sorted(os.listdir(out)) == sorted(["config.json", "model.safetensors.index.json", *shards])
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert list(index) == ["metadata", "weight_map"]
-    sd = model.state_dict()
+    sd = written_keys(model)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in sd.values()) == res.nbytes
     assert index["metadata"]["total_parameters"] == sum(t.numel() for t in sd.values())
     assert set(index["weight_map"]) == set(sd) and list(index["weight_map"]) == sorted(sd)
@@ -177,7 +190,7 @@ def test_wrapper_prefixes_are_stripped(tmp_path: Path, wrap: str) -> None:
     keys = list(mgr.manifest(3).tensors)
     assert all(k.startswith(("model/" if prefix or wrap != "plain_state_dict" else "") + prefix) for k in keys)
     export_hf(mgr, 3, tmp_path / "out", copy_from=config_dir(model, tmp_path))
-    assert set(st_keys(tmp_path / "out")) == set(model.state_dict())
+    assert set(st_keys(tmp_path / "out")) == set(written_keys(model))
     assert torch.equal(logits(from_pretrained("gpt2", tmp_path / "out")), logits(model))
 
 
@@ -213,7 +226,7 @@ def test_key_map_regex_and_callable(tmp_path: Path) -> None:
         export_hf(mgr, 1, tmp_path / "nope", copy_from=base)
     res = export_hf(mgr, 1, tmp_path / "out", select="net", copy_from=base,
                     key_map=[(r"^backbone\.", "transformer."), (r"^ema_decay$", "")])  # fmt: skip
-    assert res.dropped == ["ema_decay"] and res.tensors == len(model.state_dict())
+    assert res.dropped == ["ema_decay"] and res.tensors == len(written_keys(model))
     assert torch.equal(logits(from_pretrained("gpt2", tmp_path / "out")), logits(model))
     res = export_hf(mgr, 1, tmp_path / "out2", select="net", copy_from=base,
                     key_map=lambda k: None if k == "ema_decay" else k.replace("backbone.", "transformer."))  # fmt: skip
@@ -408,7 +421,7 @@ def test_export_from_a_non_local_root(tmp_path: Path) -> None:
     mgr = CheckpointManager("memory://hf-export-test", io=IOOptions(chunk_bytes=1024))
     mgr.save(2, {"model": model})
     res = export_hf(mgr, 2, tmp_path / "out", copy_from=config_dir(model, tmp_path))
-    assert res.tensors == len(model.state_dict())
+    assert res.tensors == len(written_keys(model))
     assert torch.equal(logits(from_pretrained("gpt2", tmp_path / "out")), logits(model))
 
 
