@@ -417,7 +417,8 @@ class Lineage:
 
     def restored_from(self, step: int, generation: int) -> None:
         with self._lock:
-            self.restored = (step, generation)
+            # The restore is now what the next save continues from, not a step saved before it.
+            self.restored, self.last_saved = (step, generation), None
 
     def parent_for(self, step: int, tiers: Any) -> tuple[int, int] | None:
         """Rank 0, at the start of a save of ``step``: the (step, generation) it continues from.

@@ -725,12 +725,22 @@ def cmd_sync(args: argparse.Namespace, ui: Ui) -> int:
 def cmd_export(args: argparse.Namespace, ui: Ui) -> int:
     from .interop import export_format, export_step
 
-    try:
-        export_format(args.out)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
+    fmt = args.format
+    hf_only = [flag for flag, v in (("--rename", args.rename), ("--dtype", args.dtype),
+               ("--max-shard-size", args.max_shard_size), ("--copy-from", args.copy_from)) if v]  # fmt: skip
+    if fmt != "hf":
+        if hf_only:
+            raise UsageError(f"{', '.join(hf_only)} only apply to --format hf")
+        try:
+            detected = export_format(args.out)
+        except CheckpointError as e:
+            raise UsageError(f"{e} (or pass --format hf for a Hugging Face model directory)") from None
+        if fmt is not None and fmt != detected:
+            raise UsageError(f"--format {fmt} does not match OUT {args.out!r} (a {detected} file name)")
     mgr = _manager(args.url, _global_options(args))
     step = _resolve_step(mgr, args.step)
+    if fmt == "hf":
+        return _export_hf(args, ui, mgr, step)
     res = export_step(mgr, step, args.out, select_path=args.select, trusted=args.trusted, overwrite=args.force)
     if args.json:
         ui.json(res.to_dict())
@@ -739,6 +749,37 @@ def cmd_export(args: argparse.Namespace, ui: Ui) -> int:
         ui.out(
             f"exported step {res.step}{what} to {res.path}: {res.tensors} tensors, {human_bytes(res.nbytes)} "
             f"({res.format})"
+        )
+    return EXIT_OK
+
+
+def _export_hf(args: argparse.Namespace, ui: Ui, mgr: Any, step: int) -> int:
+    from .hf import DEFAULT_MAX_SHARD_BYTES, export_hf, parse_rename, parse_size
+
+    try:
+        rules = [parse_rename(r) for r in args.rename or []]
+        shard = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_MAX_SHARD_BYTES
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    res = export_hf(
+        mgr,
+        step,
+        args.out,
+        select=args.select if args.select is not None else "model",
+        key_map=rules or None,
+        dtype=args.dtype,
+        max_shard_bytes=shard,
+        copy_from=args.copy_from,
+        overwrite=args.force,
+    )
+    if args.json:
+        ui.json(res.to_dict())
+    else:
+        tied = f", {len(res.tied)} tied written once" if res.tied else ""
+        copied = f"; copied {', '.join(res.copied)}" if res.copied else ""
+        ui.out(
+            f"exported step {res.step} to {res.path} (Hugging Face layout): {res.tensors} tensors, "
+            f"{human_bytes(res.nbytes)} in {len(res.files)} files{tied}{copied}"
         )
     return EXIT_OK
 
@@ -964,9 +1005,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "  ckptstore sync /scratch/run-7 s3://bucket/run-7 --watch --interval 30   # stops on Ctrl-C/SIGTERM",
     ),
     "export": (
-        "write a step as OUT.pt (torch.load(weights_only=True)) or OUT.safetensors",
+        "write a step as OUT.pt (torch.load(weights_only=True)), OUT.safetensors or a Hugging Face directory",
         "examples:\n  ckptstore export ./checkpoints 1200 full.pt\n"
-        "  ckptstore export ./checkpoints latest model.safetensors --select model",
+        "  ckptstore export ./checkpoints latest model.safetensors --select model\n"
+        "  ckptstore export ./checkpoints latest hf-model/ --format hf --dtype bf16 --copy-from base-model/",
     ),
     "import": (
         "save a .pt/.pth, .safetensors or torch.distributed.checkpoint directory as a step",
@@ -1071,8 +1113,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub("export", cmd_export)
     p.add_argument("url", metavar="URL", type=_url, help=url_help)
     p.add_argument("step", metavar="STEP", type=_step_spec, help="step number, 'latest' or 'best'")
-    p.add_argument("out", metavar="OUT", help="output file: *.pt / *.pth (torch.save) or *.safetensors")
-    p.add_argument("--select", metavar="PATH", help="export only this subtree, e.g. 'model' (a plain state_dict)")
+    p.add_argument("out", metavar="OUT", help="output file: *.pt / *.pth or *.safetensors; a directory for hf")
+    p.add_argument(
+        "--format",
+        choices=("torch", "safetensors", "hf"),
+        default=None,
+        help="output format (default: from OUT's name); hf: model.safetensors or model-0000i-of-0000N.safetensors "
+        "+ model.safetensors.index.json, for from_pretrained",
+    )
+    p.add_argument(
+        "--select", metavar="PATH", help="export only this subtree, e.g. 'model' (a plain state_dict; hf's default)"
+    )
+    p.add_argument(
+        "--rename",
+        metavar="REGEX=REPL",
+        action="append",
+        help="--format hf: rename tensors with re.sub (repeatable, applied in order, after module./_orig_mod. "
+        "prefixes are stripped; an empty result drops the tensor)",
+    )
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="--format hf: cast floating tensors")
+    p.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="--format hf: largest weights file, e.g. 2GB or 500MiB (default 5GB, as save_pretrained)",
+    )
+    p.add_argument(
+        "--copy-from",
+        metavar="DIR",
+        help="--format hf: copy config.json, generation_config.json and tokenizer files from DIR (regular files "
+        "only, never through symlinks)",
+    )
     p.add_argument("--trusted", action="store_true", help="allow steps with pickled objects (unpickles them)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -190,8 +190,17 @@ def _item_view(item: WriteItem, src: Source) -> memoryview:
     return data[r0 * row : (r0 + item.shape[0]) * row]
 
 
+def header_name(key: str, offsets: Sequence[int] | None = None) -> str:
+    """The safetensors header name of a whole tensor (``offsets`` None) or of one piece of it: the key with every
+    ``#`` doubled, then ``#<offsets>`` for a piece, so no user key can collide with another key's piece name
+    (``"w#0"`` whole is ``w##0``, piece 0 of ``"w"`` is ``w#0``). Readers locate bytes by the manifest's ranges;
+    the names are for people and for ``safetensors.safe_open``."""
+    name = key.replace("#", "##")
+    return name if offsets is None else f"{name}#{','.join(map(str, offsets))}"
+
+
 def _header_name(item: WriteItem) -> str:
-    return item.key if item.whole else f"{item.key}#{','.join(map(str, item.offsets))}"
+    return header_name(item.key, None if item.whole else item.offsets)
 
 
 def write_file(storage: Storage, prefix: str, fp: FilePlan, sources: dict[str, Source]) -> WrittenFile:

@@ -185,6 +185,22 @@ def committed_steps(storage: Storage, known: Container[int] = ()) -> list[int]:
     return sorted(out)
 
 
+def _generations(storage: Storage) -> dict[int, StepFiles]:
+    """Every real step directory's generations (one listing each), for steps with a visible generation."""
+    out = {}
+    for step in committed_steps(storage):
+        files = step_files(storage, step)
+        if files.visible is not None:
+            out[step] = files
+    return out
+
+
+def _dst_has(dst_files: StepFiles | None, src_files: StepFiles) -> bool:
+    """``dst`` holds the generation ``src`` shows (same step, same immutable generation): nothing to copy. A
+    destination with only an older generation of the step (the timeline ``src`` abandoned) still gets it."""
+    return dst_files is not None and src_files.visible in dst_files.committed
+
+
 def step_files(storage: Storage, step: int) -> StepFiles:
     """The generations of ``step`` (committed, quarantined) from one listing of its directory."""
     return StepFiles.from_entries((e.name, e.kind) for e in storage.list_entries(step_dir(step)))
@@ -520,6 +536,7 @@ def copy_step(
     t0 = time.perf_counter()
     prefix = step_dir(step)
     m, manifest_bytes = read_manifest(s, step)
+    d.check_commit_support()  # before the first upload, not at the commit
     # The same generation under the same name: a mirror holding an older generation of this step number (from
     # an abandoned branch) still gets the current one beside it.
     manifest_rel = f"{prefix}/{manifest_name(generation_of(m))}"
@@ -679,7 +696,8 @@ def copy_steps(
     on_error: Callable[[int, BaseException], None] | None = None,
     **kwargs: Any,
 ) -> list[CopyResult]:
-    """Copy committed steps from ``src`` to ``dst``, oldest first; steps ``dst`` already has are skipped.
+    """Copy committed steps from ``src`` to ``dst``, oldest first; steps ``dst`` already has in the same
+    generation are skipped (one it has only in an older generation gets the new one beside it).
 
     ``steps`` defaults to every committed step of ``src``; a requested step ``src`` lacks raises
     ``CheckpointNotFoundError`` before anything is copied. ``on_step`` is called after each step (copied or
@@ -701,10 +719,10 @@ def copy_steps(
             raise CheckpointNotFoundError(
                 f"step(s) {', '.join(map(str, absent))} are not committed under {s.url}", step=absent[0]
             )
-    have = set(committed_steps(d))
+    have = _generations(d)
     out: list[CopyResult] = []
     for step in wanted:
-        if step in have:
+        if _dst_has(have.get(step), step_files(s, step)):
             res = CopyResult(step, False)
         else:
             try:
@@ -742,14 +760,15 @@ def sync_once(
         sync_once(open_storage("/fast/run"), open_storage("s3://bucket/run"))
     """
     s, d = as_storage(src), as_storage(dst)
-    src_steps = committed_steps(s)
-    have = set(committed_steps(d))
-    todo = [x for x in src_steps if x not in have]
+    src_gens = _generations(s)
+    dst_gens = _generations(d)
+    same = {x for x, files in src_gens.items() if _dst_has(dst_gens.get(x), files)}
+    todo = [x for x in sorted(src_gens) if x not in same]
     out = copy_steps(s, d, todo, on_step=on_step, on_error=on_error, artifacts=artifacts, **kwargs) if todo else []
     copied = [r for r in out if r.copied or r.artifacts]
     if artifacts:
         pass_kwargs = {k: v for k, v in kwargs.items() if k in ("verify", "progress", "should_stop", "chunk_bytes")}
-        for step in sorted(have.intersection(src_steps)):
+        for step in sorted(same):
             try:
                 n, names = copy_artifacts(s, d, step, **pass_kwargs)
             except TransferCancelled:

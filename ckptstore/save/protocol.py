@@ -250,6 +250,7 @@ class SaveProtocol:
     def _decide(self, job: SaveJob) -> Attempt:
         def decide() -> Attempt:
             try:
+                self.storage.check_commit_support()  # refuse before any rank uploads a byte
                 parent = self.lineage.parent_for(job.step, self.tiers)
                 # A step number whose generations are all quarantined (failed verification, or superseded by a
                 # run resumed from an older step) is saved again as the next generation.

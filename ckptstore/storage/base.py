@@ -271,6 +271,11 @@ class Storage:
             raise
         w.close()
 
+    def check_commit_support(self) -> None:
+        """Raise :class:`~ckptstore.errors.UnsupportedStorageError` when this storage cannot commit a step safely
+        (an S3 server that ignores conditional writes). A save calls it before it writes anything, so a refusal
+        costs no uploads. Default: nothing to check."""
+
     def write_hint(self, rel: str, data: bytes) -> None:
         """Write a small advisory file (a save's lease): whole or absent for readers, even if the writer is
         killed, but not made durable (no fsync; it may vanish in a power cut). Its readers must treat it as a hint.
@@ -291,7 +296,9 @@ class Storage:
             self.fs.pipe_file(path, data)
 
     def sync_dir(self, rel: str) -> None:
-        """Make directory entries durable (no-op off local disk)."""
+        """Make the entries of directory ``rel`` and of each directory above it (within the root) durable; called
+        before a commit. Files created by ``open_write`` may leave new directories durable only after this.
+        No-op off local disk."""
 
     # -- reading -----------------------------------------------------------------------------------------
     def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:

@@ -334,10 +334,12 @@ class LocalStorage(Storage):
                 continue
             _fsync_dir(os.path.dirname(d))
 
-    def _open_dir(self, parts: Sequence[str], *, create: bool = False) -> int:
+    def _open_dir(self, parts: Sequence[str], *, create: bool = False, durable: bool = True) -> int:
         """An fd of the directory root/parts..., opened one component at a time without following links.
 
-        ``create``: make missing components (each new one's parent is fsynced, so the entry is durable).
+        ``create``: make missing components (each new one's parent is fsynced, so the entry is durable, unless
+        ``durable=False``: then ``sync_dir`` before the commit makes them durable, after the data's own flush, when
+        a journaling filesystem has already committed the new entry and the parent's fsync costs nothing).
         ``FileNotFoundError`` if a component is missing, ``NotRegularFileError`` if one is not a real directory.
         """
         fd = self._root_fd(create=create)
@@ -355,7 +357,8 @@ class LocalStorage(Storage):
                     except FileExistsError:
                         pass  # made by someone else meanwhile (they fsync it)
                     else:
-                        _fsync_fd(fd)  # the new entry in its parent survives a power cut
+                        if durable:
+                            _fsync_fd(fd)  # the new entry in its parent survives a power cut
                     try:
                         nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
                     except OSError as e:
@@ -374,8 +377,8 @@ class LocalStorage(Storage):
         return fd
 
     @contextmanager
-    def _dir(self, parts: Sequence[str], *, create: bool = False) -> Iterator[int]:
-        fd = self._open_dir(parts, create=create)
+    def _dir(self, parts: Sequence[str], *, create: bool = False, durable: bool = True) -> Iterator[int]:
+        fd = self._open_dir(parts, create=create, durable=durable)
         try:
             yield fd
         finally:
@@ -511,7 +514,7 @@ class LocalStorage(Storage):
             raise NotRegularFileError(
                 errno.EISDIR, f"{self.url} is the checkpoint root, not a file", self.url, kind="directory"
             )
-        dfd = self._open_dir(parts[:-1], create=True)
+        dfd = self._open_dir(parts[:-1], create=True, durable=False)  # sync_dir at the commit makes it durable
         try:
             return _LocalWriter(_WriteTarget(dfd, parts[-1], self.full(rel)))
         except BaseException:
@@ -539,7 +542,7 @@ class LocalStorage(Storage):
             raise NotRegularFileError(
                 errno.EISDIR, f"{self.url} is the checkpoint root, not a file", self.url, kind="directory"
             )
-        with self._dir(parts[:-1], create=True) as dfd:
+        with self._dir(parts[:-1], create=True, durable=False) as dfd:
             tmp = f".{parts[-1]}.tmp-{uuid.uuid4().hex}"
             fd = os.open(tmp, _CREATE_FLAGS, 0o644, dir_fd=dfd)
             try:
@@ -636,11 +639,15 @@ class LocalStorage(Storage):
         os.close(fd)
 
     def sync_dir(self, rel: str) -> None:
-        try:
-            with self._dir(self._parts(rel)) as fd:
-                _fsync_fd(fd)
-        except OSError:
-            pass  # missing, not a real directory, or no fsync on directories: nothing to make durable here
+        """fsync ``rel`` and every directory above it up to the root: the entries written into ``rel`` and the
+        entry of ``rel`` itself (made by whichever process or rank created it) survive a power cut."""
+        parts = self._parts(rel)
+        for depth in range(len(parts), -1, -1):
+            try:
+                with self._dir(parts[:depth]) as fd:
+                    _fsync_fd(fd)
+            except OSError:
+                pass  # missing, not a real directory, or no fsync on directories: nothing to make durable here
 
     # -- reading -------------------------------------------------------------------------------------------
     def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:

@@ -410,6 +410,9 @@ class S3Storage(Storage):
             self._invalidate(rel)
 
     # -- conditional writes: never assume the server enforces them ------------------------------------------
+    def check_commit_support(self) -> None:
+        self.check_conditional_writes()
+
     def check_conditional_writes(self) -> bool:
         """True when the server enforces ``If-None-Match: *`` on ``PutObject`` (probed once, then cached).
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,9 @@ import pytest
 from ckptstore import CheckpointManager
 from ckptstore.errors import CheckpointError, CheckpointExistsError, StorageError, UnsupportedStorageError
 from ckptstore.format.manifest import MANIFEST_NAME, step_dir
+from ckptstore.storage import open_storage
+from ckptstore.storage.s3 import PROBE_PREFIX
+from ckptstore.transfer import copy_step
 from tests.faults.conftest import assert_state, io_options, make_state, zeros_like_state
 from tests.fixtures.s3 import S3Server
 
@@ -57,6 +61,31 @@ def test_two_writers_of_one_step_never_both_commit(s3_server: S3Server) -> None:
         assert "If-None-Match" in str(ei.value) and "s3_single_writer" in str(ei.value), str(ei.value)
     assert a.steps() == [] and b.steps() == []
     assert s3_server.keys("run/") == []  # the refused attempts' shards were cleaned up, no probe left
+
+
+def test_the_probe_runs_before_any_shard_is_uploaded(s3_server: S3Server, tmp_path: Path) -> None:
+    """Before: the probe ran at the commit, after every shard of the save had been uploaded (on a server that
+    ignores If-None-Match, only to be deleted again)."""
+    faults = s3_server.faults()
+    mgr = _mgr(faults.root)
+    if s3_server.enforces_conditional_put:
+        mgr.save(1, make_state(1))
+    else:
+        with pytest.raises(UnsupportedStorageError):
+            mgr.save(1, make_state(1))
+    writes = [r.path for r in faults.requests if r.method in ("PUT", "POST")]
+    probes = [i for i, p in enumerate(writes) if PROBE_PREFIX in p]
+    assert len(probes) == 2 and probes == [0, 1], writes  # the probe's two conditional PUTs come first
+    if not s3_server.enforces_conditional_put:
+        assert len(writes) == 2 and s3_server.keys("run/") == []  # nothing of the save was uploaded
+        # The same for a copy into the server (ckptstore cp / mirror).
+        local = CheckpointManager(str(tmp_path / "local"))
+        local.save(1, make_state(1))
+        faults.reset_log()
+        with pytest.raises(UnsupportedStorageError):
+            copy_step(local.storage, open_storage(*faults.root), 1)
+        writes = [r.path for r in faults.requests if r.method in ("PUT", "POST")]
+        assert len(writes) == 2 and all(PROBE_PREFIX in p for p in writes), writes
 
 
 def test_single_writer_mode_round_trip(s3_server: S3Server, caplog: pytest.LogCaptureFixture) -> None:

@@ -71,6 +71,17 @@ def test_resuming_from_an_older_step_on_purpose_starts_a_new_timeline(tmp_path: 
     assert torch.equal(CheckpointManager(root).load(300)["w"], _st(300)["w"])  # by number: still readable
 
 
+def test_a_save_after_a_fallback_in_the_same_process_continues_from_the_restored_step(tmp_path: Path) -> None:
+    mgr = CheckpointManager(str(tmp_path / "ck"))
+    mgr.save(100, _st(1))
+    mgr.save(200, _st(2))
+    _corrupt(mgr, 200)
+    assert mgr.restore(_st(0)).step == 100  # this manager saved 200 itself before the restore fell back
+    mgr.save(200, _st(2.5))
+    info = mgr.info(200)
+    assert (info.generation, info.parent) == (2, (100, 1))  # before: (200, 1), the quarantined generation
+
+
 def test_committed_verified_steps_stay_immutable(tmp_path: Path) -> None:
     root = str(tmp_path / "ck")
     mgr = CheckpointManager(root)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from ckptstore.storage import open_storage
 from ckptstore.storage.base import NotRegularFileError
@@ -325,15 +326,32 @@ def test_makedirs_fsyncs_the_parent_of_every_directory_made(tmp_path: Path, monk
     synced.clear()
     st.makedirs(f"{STEP}/sub")  # nothing made: nothing to fsync
     assert synced == []
-    w = st.open_write("step-000000000006/shard.bin")  # a new step directory: the root is fsynced
-    w.write([memoryview(b"x")])
+    w = st.open_write("step-000000000006/shard.bin")  # a new step directory: durable at the latest at sync_dir,
+    w.write([memoryview(b"x")])  # which a commit calls first (deferred there, after the data's own fsync)
     w.close()
-    assert str(base / "a" / "root") in synced
+    st.sync_dir("step-000000000006")
+    root = str(base / "a" / "root")
+    assert synced[-2:] == [root + "/step-000000000006", root], synced
     synced.clear()
     st.create_exclusive("step-000000000007/manifest.json", b"m")
-    root = str(base / "a" / "root")
     assert synced[0] == root, synced  # the new step dir's entry, before the manifest's fsync
     assert synced[-1] == root + "/step-000000000007"  # and the manifest's entry after the commit
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to name fsynced fds")
+def test_a_save_makes_its_new_step_directory_durable_before_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptstore import CheckpointManager
+
+    root = str(tmp_path.resolve() / "root")
+    mgr = CheckpointManager(root)
+    mgr.save(2, {"w": torch.ones(4)})  # the first save also makes the root itself
+    synced = _spy_fsync(monkeypatch)
+    mgr.save(3, {"w": torch.ones(4)})
+    manifest_tmp = next(i for i, p in enumerate(synced) if "/.manifest.json.tmp-" in p)
+    assert root in synced[:manifest_tmp], synced  # the step directory's entry in the root, before the commit
+    assert len(synced) <= 5, synced  # shard, step dir, root, manifest, step dir: nothing more on a small save
 
 
 STRACE_CHILD = r"""

@@ -215,3 +215,31 @@ def test_sync_once_and_mirror_follow_new_steps(tmp_path: Path) -> None:
     assert not t.is_alive()
     assert committed_steps(dst_st) == [1, 2] and seen == [2]
     assert torch.equal(CheckpointManager(str(tmp_path / "dst")).load(2)["big"], _state(2)["big"])
+
+
+def test_a_destination_with_an_older_generation_gets_the_new_one(tmp_path: Path) -> None:
+    """Before: ``cp``/``sync`` compared step numbers only, so a mirror holding generation 1 of step 200 (the
+    timeline the source abandoned after a fallback) kept serving it, and restores from the mirror went back to it."""
+    from ckptstore.transfer import copy_steps, sync_once
+
+    src = CheckpointManager(str(tmp_path / "src"))
+    src.save(100, {"w": torch.full((64,), 1.0)})
+    src.save(200, {"w": torch.full((64,), 2.0)})
+    mirrors = [CheckpointManager(str(tmp_path / name)) for name in ("cp", "sync")]
+    for m in mirrors:
+        copy_steps(src, m)
+    shard = next((tmp_path / "src").glob("step-*200/*.safetensors"))
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1
+    shard.write_bytes(bytes(raw))
+    assert src.restore({"w": torch.zeros(64)}).step == 100  # falls back, quarantines generation 1 of 200
+    src.save(200, {"w": torch.full((64,), 2.5)})
+    res_cp = copy_steps(src, mirrors[0])
+    res_sync = sync_once(src, mirrors[1])
+    assert [(r.step, r.copied) for r in res_cp] == [(100, False), (200, True)]
+    assert [(r.step, r.copied) for r in res_sync] == [(200, True)]
+    for m in mirrors:
+        fresh = CheckpointManager(m.url)
+        assert fresh.info(200).generation == 2
+        assert torch.equal(fresh.load(200)["w"], torch.full((64,), 2.5))
+    assert [(r.step, r.copied) for r in copy_steps(src, mirrors[0])] == [(100, False), (200, False)]  # now in sync
