@@ -165,11 +165,11 @@ def shard0_part(global_shape: Sequence[int], offsets: Sequence[int], shape: Sequ
     c = -(-d0 // parts) if d0 else 0
     if c == 0:
         return None
+    if shape[0] == 0:  # an empty shard: FSDP2's offsets for it are not meaningful
+        return -1
     p, rem = divmod(offsets[0], c)
     if rem:
         return None
-    if shape[0] == 0:
-        return -1 if offsets[0] >= d0 else None
     return p if shape[0] == max(0, min(c, d0 - p * c)) else None
 
 
@@ -281,10 +281,10 @@ def layout_from_local(specs: Sequence[LocalSpec], rank: int, world: int) -> Save
         if s.encoding != "raw" or world < 2:
             return None
         p = shard0_part(s.global_shape, s.offsets, s.shape, world)
-        if p is None or (p != rank and p != -1) or (p == -1 and -(-s.global_shape[0] // world) * rank < s.global_shape[0]):
-            return None
         d0 = s.global_shape[0]
         c = -(-d0 // world)
+        if p is None or (p != rank and p != -1) or (p == -1 and c * rank < d0):
+            return None
         out.append(TensorLayout(*base, SHARD0, chunk=c, owners=intern(range(-(-d0 // c)))))
     out.sort(key=lambda t: (t.order, t.key))
     return SaveLayout(world, tuple(out))
