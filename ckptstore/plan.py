@@ -226,9 +226,7 @@ def describe(per_rank: Sequence[Sequence[LocalSpec]]) -> SaveLayout:
         if not bx:  # a tensor with no elements: whole, held by every rank that listed it
             out.append(TensorLayout(*base, REPLICATED, holders=intern([0])))
             continue
-        out.append(
-            TensorLayout(*base, BOXES, boxes=tuple(sorted((o, sh, intern(h)) for (o, sh), h in bx.items())))
-        )
+        out.append(TensorLayout(*base, BOXES, boxes=tuple(sorted((o, sh, intern(h)) for (o, sh), h in bx.items()))))
     out.sort(key=lambda t: (t.order, t.key))
     return SaveLayout(world, tuple(out))
 
@@ -432,6 +430,7 @@ def rank_plan(plan: CompactPlan, rank: int, save_id: str) -> list[FilePlan]:
     replicated / irregular items assigned to it (balanced over the other files)."""
     opts = plan.options
     parts: list[WriteItem] = []
+    chunks: list[WriteItem] = []
     for t in plan.layout.tensors:
         if t.placement != SHARD0:
             continue
@@ -447,9 +446,14 @@ def rank_plan(plan: CompactPlan, rank: int, save_id: str) -> list[FilePlan]:
         offs = (p * t.chunk,) + (0,) * (len(t.global_shape) - 1)
         shape = (rows, *t.global_shape[1:])
         nb = rows * t.row_bytes
-        for o, sh in _split_rows(offs, shape, nb, opts.chunk_bytes, t.encoding):
-            parts.append(WriteItem(t.key, o, sh, math.prod(sh) * t.itemsize, t.order, False))
+        split = _split_rows(offs, shape, nb, opts.chunk_bytes, t.encoding)
+        if len(split) == 1:
+            parts.append(WriteItem(t.key, offs, shape, nb, t.order, False))
+        else:  # a part bigger than chunk_bytes: its chunks are balanced over files like any other item
+            chunks.extend(WriteItem(t.key, o, sh, math.prod(sh) * t.itemsize, t.order, False) for o, sh in split)
     others = list(plan.assigned.get(rank, ()))
+    if chunks:
+        others = sorted(others + chunks, key=lambda i: (-i.nbytes, i.order, i.key, i.offsets))
     total = sum(i.nbytes for i in parts) + sum(i.nbytes for i in others)
     n_items = len(parts) + len(others)
     if not n_items:

@@ -28,7 +28,9 @@ MiB = 1 << 20
 
 
 def spec(key, shape, order, *, offsets=None, gshape=None, dtype="float32", itemsize=4) -> LocalSpec:
-    return LocalSpec(key, dtype, itemsize, tuple(gshape or shape), tuple(offsets or (0,) * len(shape)), tuple(shape), order)
+    return LocalSpec(
+        key, dtype, itemsize, tuple(gshape or shape), tuple(offsets or (0,) * len(shape)), tuple(shape), order
+    )
 
 
 def ddp(layers: int, width: int = 1024) -> list[LocalSpec]:
