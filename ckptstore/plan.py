@@ -33,11 +33,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .options import IOOptions
 
@@ -347,6 +350,10 @@ class CompactPlan:
     """Rank -> the items of replicated / irregular tensors it writes (largest first)."""
     loads: tuple[int, ...]
     """Bytes each rank writes."""
+    shard0: tuple[tuple[Any, ...], ...] = ()
+    """Evenly split tensors, precomputed for :func:`rank_plan`: ``(key, order, chunk, dim 0, row bytes, itemsize,
+    trailing shape, trailing zeros, encoding, parts)`` where ``parts`` is ``None`` when part ``p`` is rank ``p``'s,
+    else ``{rank: part}`` (shared by the tensors of one owner list)."""
 
     def bytes_per_rank(self) -> list[int]:
         return list(self.loads)
@@ -421,7 +428,21 @@ def plan_layout(layout: SaveLayout, options: IOOptions) -> CompactPlan:
             heapq.heapreplace(hp, (lo + it.nbytes, r))
         load[r] += it.nbytes
         assigned.setdefault(r, []).append(it)
-    return CompactPlan(layout, options, {r: tuple(v) for r, v in assigned.items()}, tuple(load))
+    shard0 = []
+    by_owners: dict[int, dict[int, int] | None] = {}
+    for t in layout.tensors:
+        if t.placement != SHARD0:
+            continue
+        parts = by_owners.get(id(t.owners), -1)
+        if parts == -1:
+            ident = t.owners == tuple(range(len(t.owners)))
+            parts = by_owners[id(t.owners)] = None if ident else {r: p for p, r in enumerate(t.owners)}
+        rest = t.global_shape[1:]
+        shard0.append(
+            (t.key, t.order, t.chunk, t.global_shape[0], t.row_bytes, t.itemsize, rest, (0,) * len(rest), t.encoding,
+             parts, len(t.owners))
+        )  # fmt: skip
+    return CompactPlan(layout, options, {r: tuple(v) for r, v in assigned.items()}, tuple(load), tuple(shard0))
 
 
 def rank_plan(plan: CompactPlan, rank: int, save_id: str) -> list[FilePlan]:
@@ -431,26 +452,25 @@ def rank_plan(plan: CompactPlan, rank: int, save_id: str) -> list[FilePlan]:
     opts = plan.options
     parts: list[WriteItem] = []
     chunks: list[WriteItem] = []
-    for t in plan.layout.tensors:
-        if t.placement != SHARD0:
-            continue
-        owners = t.owners
-        n = len(owners)
-        if rank < n and owners[rank] == rank:
+    cb = opts.chunk_bytes
+    for key, order, c, d0, rb, itemsize, rest, zeros, enc, owner_parts, n in plan.shard0:
+        if owner_parts is None:
+            if rank >= n:
+                continue
             p = rank
         else:
-            if rank not in owners:  # rare: owners not ranks 0..n-1 (built by describe)
+            p = owner_parts.get(rank, -1)
+            if p < 0:
                 continue
-            p = owners.index(rank)
-        rows = t.part_rows(p)
-        offs = (p * t.chunk,) + (0,) * (len(t.global_shape) - 1)
-        shape = (rows, *t.global_shape[1:])
-        nb = rows * t.row_bytes
-        split = _split_rows(offs, shape, nb, opts.chunk_bytes, t.encoding)
-        if len(split) == 1:
-            parts.append(WriteItem(t.key, offs, shape, nb, t.order, False))
+        rows = min(c, d0 - p * c)
+        nb = rows * rb
+        offs = (p * c, *zeros)
+        shape = (rows, *rest)
+        if nb <= cb or rows <= 1:
+            parts.append(WriteItem(key, offs, shape, nb, order, False))
         else:  # a part bigger than chunk_bytes: its chunks are balanced over files like any other item
-            chunks.extend(WriteItem(t.key, o, sh, math.prod(sh) * t.itemsize, t.order, False) for o, sh in split)
+            split = _split_rows(offs, shape, nb, cb, enc)
+            chunks.extend(WriteItem(key, o, sh, math.prod(sh) * itemsize, order, False) for o, sh in split)
     others = list(plan.assigned.get(rank, ()))
     if chunks:
         others = sorted(others + chunks, key=lambda i: (-i.nbytes, i.order, i.key, i.offsets))
@@ -493,17 +513,31 @@ def rank_plan(plan: CompactPlan, rank: int, save_id: str) -> list[FilePlan]:
     return [FilePlan(shard_file_name(save_id, rank, idx), rank, tuple(f)) for idx, f in enumerate(files)]
 
 
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """The cyclic GC off while millions of acyclic objects are built (its full passes would otherwise scan
+    them again and again: planning at thousands of ranks spends most of its time there)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def plan_writes(per_rank: Sequence[Sequence[LocalSpec]], *, save_id: str, options: IOOptions) -> WritePlan:
     """Decide which rank writes which bytes into which shard file.
 
     ``per_rank[r]`` lists the boxes rank ``r`` holds. Raises ``ValueError`` when ranks disagree about a
     tensor's dtype or global shape. ``describe`` + ``plan_layout`` + ``rank_plan`` for every rank.
     """
-    cplan = plan_layout(describe(per_rank), options)
-    files: list[FilePlan] = []
-    for r in range(cplan.layout.world_size):
-        files.extend(rank_plan(cplan, r, save_id))
-    return WritePlan(tuple(files), cplan.layout.world_size)
+    with no_gc():
+        cplan = plan_layout(describe(per_rank), options)
+        files: list[FilePlan] = []
+        for r in range(cplan.layout.world_size):
+            files.extend(rank_plan(cplan, r, save_id))
+        return WritePlan(tuple(files), cplan.layout.world_size)
 
 
 def diverged_replicas(all_specs: Sequence[Sequence[LocalSpec]]) -> dict[str, dict[int, list[int]]]:

@@ -40,13 +40,16 @@ from __future__ import annotations
 
 import binascii
 import bisect
+import contextlib
+import gc
 import json
 import logging
 import math
+import operator
 import re
 import struct
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from json.decoder import scanstring as _scanstring
 from typing import Any, NamedTuple
@@ -301,16 +304,21 @@ class Manifest:
         """The manifest's bytes. Refuses (typed errors) to encode what a reader would refuse: see
         :func:`check_limits` — a step, epoch or time out of range or a tensor dtype ckptstore does not store
         (``UnsupportedValueError``), a manifest over :data:`MAX_MANIFEST_BYTES` or the JSON budget
-        (``ManifestError``)."""
+        (``ManifestError``), rows the reader refuses (:func:`_check_entries`: pieces outside their files, boxes that
+        overlap or leave a gap, ...; ``ManifestError``)."""
+        with _no_gc():
+            return self._to_bytes()
+
+    def _to_bytes(self) -> bytes:
         import datetime as dt
 
         _check_encodable(self)
-        _check_entries(self)
-        check_tree(self.tree, self.tensors, f"the manifest of step {self.step}")
         compact: dict[str, int] = {}
         layout: list[str] = []
         if self.format_version >= 2:
-            compact, layout = _compact_layout(self)
+            compact, layout = _compact_layout(self)  # its rows and files checked with the reader's layout index
+        _check_entries(self, compact)
+        check_tree(self.tree, self.tensors, f"the manifest of step {self.step}")
         doc = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
@@ -370,7 +378,8 @@ class Manifest:
         check_limits(len(data), where=where)
         try:
             body_end = _check_self_crc(data, where)
-            return _Reader(data, body_end, where).read()
+            with _no_gc():
+                return _Reader(data, body_end, where).read()
         except MemoryError:
             raise ManifestError(
                 f"{where}: out of memory parsing a {len(data)}-byte manifest; free memory or raise the limits"
@@ -1184,6 +1193,9 @@ class _Reader:
 # exactly one such file (checked when parsing, in O((rows + files) log rows), without expanding a piece).
 
 
+_OFFSETS = operator.itemgetter(4)
+
+
 def _as_split(te: TensorEntry, itemsize: int) -> tuple[int, list[Piece]] | None:
     """``(chunk, pieces in part order)`` when the entry's pieces are exactly the dim-0 parts of ``chunk`` rows."""
     shape, pieces = te.shape, te.pieces
@@ -1191,17 +1203,22 @@ def _as_split(te: TensorEntry, itemsize: int) -> tuple[int, list[Piece]] | None:
         return None
     if any(p.offsets is None for p in pieces):
         return None
-    ps = sorted(pieces, key=lambda p: p.offsets[0])  # type: ignore[index]
+    ps = sorted(pieces, key=_OFFSETS)
     d0, rest = shape[0], shape[1:]
-    zeros = (0,) * len(rest)
-    c = ps[0].shape[0] if ps[0].shape else 0  # type: ignore[index]
-    if c < 1 or -(-d0 // c) != len(ps):
+    c = ps[0][5][0] if ps[0][5] else 0
+    n = len(ps)
+    if c < 1 or -(-d0 // c) != n:
         return None
     rb = math.prod(rest) * itemsize
-    for i, p in enumerate(ps):
-        rows = min(c, d0 - i * c)
-        o, s = p.offsets, p.shape
-        if o[0] != i * c or o[1:] != zeros or s[0] != rows or s[1:] != rest or p.end - p.start != rows * rb:  # type: ignore[index]
+    zeros = (0,) * len(rest)
+    full_shape, full_bytes = (c, *rest), c * rb
+    last_rows = d0 - (n - 1) * c
+    for i, p in enumerate(ps):  # p: (file, start, end, crc32c, offsets, shape)
+        o = p[4]
+        if i < n - 1:
+            if p[5] != full_shape or p[2] - p[1] != full_bytes or o[0] != i * c or o[1:] != zeros:
+                return None
+        elif p[5] != (last_rows, *rest) or p[2] - p[1] != last_rows * rb or o[0] != i * c or o[1:] != zeros:
             return None
     return c, ps
 
@@ -1225,8 +1242,12 @@ def _compact_layout(m: Manifest) -> tuple[dict[str, int], list[str]]:
             continue
         cand[key] = got
         nparts[i] = len(got[1])
+        get = by_file.get
         for part, p in enumerate(got[1]):
-            by_file.setdefault(p.file, []).append((p.start, i, part, p))  # type: ignore[arg-type]
+            lst = get(p[0])
+            if lst is None:
+                lst = by_file[p[0]] = []
+            lst.append((p[1], i, part, p))  # type: ignore[arg-type]
     if not cand:
         return {}, []
     for f, items in by_file.items():
@@ -1500,7 +1521,19 @@ def pieces_in_box(entry: TensorEntry, offsets: Sequence[int], shape: Sequence[in
     return ps
 
 
-def _check_entries(m: Manifest) -> None:
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    # Encoding and parsing build millions of acyclic tuples; the cyclic GC's full passes would rescan them.
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _check_entries(m: Manifest, compact: Mapping[str, int] | None = None) -> None:
     """Writer side: the tensor rows a reader refuses (``ManifestError``), checked with the reader's rules —
     device names, shapes and element counts, every piece inside a listed file with exactly its box's bytes,
     the boxes of a tensor disjoint and covering it. ``O(pieces log pieces)``."""
@@ -1525,8 +1558,8 @@ def _check_entries(m: Manifest) -> None:
         if numel > MAX_NUMEL:
             raise ManifestError(f"{w}: more than 2**62 elements")
         itemsize = STORABLE_DTYPES[t.dtype].itemsize
-        if isinstance(t.pieces, SplitPieces):
-            continue  # built by the reader, already checked
+        if isinstance(t.pieces, SplitPieces) or (compact and key in compact):
+            continue  # built by the reader, or a compact row: boxes checked by _as_split, files by the layout
         boxes: list[_Box] = []
         for p in t.pieces:
             size = files.get(p.file)
