@@ -269,6 +269,7 @@ def layout_from_local(specs: Sequence[LocalSpec], rank: int, world: int) -> Save
     collective): equal fingerprints mean every rank's box is the one the layout says, so the layout is right."""
     intern = _Interner()
     everyone = intern(range(world))
+    by_n: dict[int, tuple[int, ...]] = {world: everyone}  # owners of n parts: ranks 0..n-1, one tuple per n
     out = []
     seen: set[str] = set()
     for s in specs:
@@ -286,7 +287,11 @@ def layout_from_local(specs: Sequence[LocalSpec], rank: int, world: int) -> Save
         c = -(-d0 // world)
         if p is None or (p != rank and p != -1) or (p == -1 and c * rank < d0):
             return None
-        out.append(TensorLayout(*base, SHARD0, chunk=c, owners=intern(range(-(-d0 // c)))))
+        n = -(-d0 // c)
+        owners = by_n.get(n)
+        if owners is None:
+            owners = by_n[n] = everyone[:n]
+        out.append(TensorLayout(*base, SHARD0, chunk=c, owners=owners))
     out.sort(key=lambda t: (t.order, t.key))
     return SaveLayout(world, tuple(out))
 
