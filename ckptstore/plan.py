@@ -226,8 +226,8 @@ def describe(per_rank: Sequence[Sequence[LocalSpec]]) -> SaveLayout:
             if t is not None:
                 out.append(TensorLayout(*base, SHARD0, chunk=t[0], owners=t[1]))
                 continue
-        if not bx:  # a tensor with no elements: whole, held by every rank that listed it
-            out.append(TensorLayout(*base, REPLICATED, holders=intern([0])))
+        if not bx:  # every rank's box of a non-empty tensor is empty: nothing to write (the encoder refuses the
+            out.append(TensorLayout(*base, BOXES))  # gap before the commit, as readers would)
             continue
         out.append(TensorLayout(*base, BOXES, boxes=tuple(sorted((o, sh, intern(h)) for (o, sh), h in bx.items()))))
     out.sort(key=lambda t: (t.order, t.key))

@@ -1224,6 +1224,23 @@ def _as_split(te: TensorEntry, itemsize: int) -> tuple[int, list[Piece]] | None:
 
 
 def _compact_layout(m: Manifest) -> tuple[dict[str, int], list[str]]:
+    """:func:`_compact_rows`, retried with only the rows of the most parts when the layout would be too sparse
+    for the reader's span budget (many rows with few parts between the rows of many)."""
+    try:
+        return _compact_rows(m, 0)
+    except _TooSparse as e:
+        try:
+            return _compact_rows(m, e.max_parts)
+        except _TooSparse:
+            return {}, []
+
+
+class _TooSparse(Exception):
+    def __init__(self, max_parts: int) -> None:
+        self.max_parts = max_parts
+
+
+def _compact_rows(m: Manifest, min_parts: int, check: bool = True) -> tuple[dict[str, int], list[str]]:
     """Which rows of ``m`` are written compact (``{key: chunk}``) and the ``layout`` lines for their files. A row is
     compact when its pieces are the dim-0 parts of one chunk size and every one of its files holds nothing but
     parts of one index of such rows, back to back to the end of the file, in row order. ``O(pieces)``."""
@@ -1236,6 +1253,8 @@ def _compact_layout(m: Manifest) -> tuple[dict[str, int], list[str]]:
     blocked: set[str] = set()
     for i, (key, te) in enumerate(m.tensors.items()):
         got = _as_split(te, STORABLE_DTYPES[te.dtype].itemsize) if te.dtype in STORABLE_DTYPES else None
+        if got is not None and len(got[1]) < min_parts:
+            got = None
         if got is None:
             for p in te.pieces:
                 blocked.add(p.file)
@@ -1250,7 +1269,7 @@ def _compact_layout(m: Manifest) -> tuple[dict[str, int], list[str]]:
             lst.append((p[1], i, part, p))  # type: ignore[arg-type]
     if not cand:
         return {}, []
-    for f, items in by_file.items():
+    for f, items in by_file.items():  # one part, back to back to the end of the file, rows ascending
         if f in blocked:
             continue
         items.sort()
@@ -1258,32 +1277,39 @@ def _compact_layout(m: Manifest) -> tuple[dict[str, int], list[str]]:
         ok = files.get(f) == items[-1][0] + items[-1][3].nbytes  # type: ignore[misc]
         prev_end, prev_row = items[0][0], -1
         for start, row, p_, pc in items:  # type: ignore[misc]
-            if not ok:
-                break
             if p_ != part or start != prev_end or row <= prev_row:
                 ok = False
                 break
-            for k in range(prev_row + 1, row) if prev_row >= 0 else ():
-                if nparts[k] > part:  # a row with this part between two parts of this file: not a run
-                    ok = False
-                    break
             prev_end, prev_row = pc.end, row
         if not ok:
             blocked.add(f)
-    # Rows with a part in a blocked file are written explicitly, which blocks their other files in turn.
     todo = list(blocked)
-    while todo:
-        f = todo.pop()
-        for _, row, _, _ in by_file.get(f, ()):  # type: ignore[misc]
-            key = keys[row]
-            got = cand.pop(key, None)
-            if got is None:
+    while True:
+        # Rows with a part in a blocked file are written explicitly, which blocks their other files in turn.
+        while todo:
+            f = todo.pop()
+            for _, row, _, _ in by_file.get(f, ()):  # type: ignore[misc]
+                got = cand.pop(keys[row], None)
+                if got is None:
+                    continue
+                nparts[row] = 0
+                for p in got[1]:
+                    if p.file not in blocked:
+                        blocked.add(p.file)
+                        todo.append(p.file)
+        # A file must hold a run: no compact row with its part between two of its rows (checked against the
+        # rows still compact; dropping rows only removes such gaps, so this converges).
+        for f, items in by_file.items():
+            if f in blocked:
                 continue
-            nparts[row] = 0
-            for p in got[1]:
-                if p.file not in blocked:
-                    blocked.add(p.file)
-                    todo.append(p.file)
+            part = items[0][2]
+            for (_, r0, _, _), (_, r1, _, _) in zip(items, items[1:]):  # type: ignore[misc]
+                if any(nparts[k] > part for k in range(r0 + 1, r1)):
+                    blocked.add(f)
+                    todo.append(f)
+                    break
+        if not todo:
+            break
     if not cand:
         return {}, []
     cidx: dict[int, int] = {}
@@ -1303,7 +1329,10 @@ def _compact_layout(m: Manifest) -> tuple[dict[str, int], list[str]]:
     # What the reader will check, checked here with the reader's own code: never commit a layout it refuses.
     rows = [(m.tensors[k].shape, cand[k][0], STORABLE_DTYPES[m.tensors[k].dtype].itemsize) for k in keys if k in cand]
     try:
-        _LayoutIndex(rows, entries, files, MAX_MANIFEST_BYTES // 5, f"the manifest of step {m.step}")
+        if check:
+            _LayoutIndex(rows, entries, files, MAX_MANIFEST_BYTES // 5, f"the manifest of step {m.step}")
+    except _SpanError:
+        raise _TooSparse(max(len(v[1]) for v in cand.values())) from None
     except ManifestError as e:  # a bug, not the caller's fault: the explicit rows are always readable
         log.warning("format 2 layout refused by its own reader (%s); writing every row explicitly", e)
         return {}, []
@@ -1318,6 +1347,10 @@ def _compact_json(t: TensorEntry, chunk: int, memo: dict[str, str]) -> str:
         return out
 
     return f'{{"dtype":{js(t.dtype)},"shape":{_ints(t.shape)},"device":{js(t.device)},"chunk":{int(chunk)}}}'
+
+
+class _SpanError(ManifestError):
+    """The layout's row ranges are too sparse for their parts (the writer then writes fewer rows compact)."""
 
 
 class _LayoutIndex:
@@ -1352,7 +1385,9 @@ class _LayoutIndex:
         self.np, self.full, self.last = np_, full_, last_
         self.chunks = [r[1] for r in rows]
         seen: set[str] = set()
+        span = 0
         for f, _, a, b, _, _ in entries:
+            span += b - a
             if f in seen:
                 raise bad(f"file {f!r} is described twice in the layout")
             seen.add(f)
@@ -1360,6 +1395,12 @@ class _LayoutIndex:
                 raise bad(f"the layout describes file {f!r} that the manifest does not list")
             if not 0 <= a < b <= n_rows:
                 raise bad(f"the layout of {f!r} names rows [{a}, {b}) but there are {n_rows} compact rows")
+        # Finding a part walks its file's row range once: the ranges may not hold far more rows than parts.
+        if span > 16 * total + 4 * n_rows + 4096:
+            raise _SpanError(
+                f"{where}: the layout's files span {span} rows for {total} parts, too sparse to index (ckptstore "
+                "never writes one); the manifest is hostile or damaged"
+            )
         # Parts and bytes of every entry: offline over the parts, descending, with two Fenwick trees.
         cnt = [0] * len(entries)
         nbytes = [0] * len(entries)

@@ -306,3 +306,53 @@ def test_real_plans_encode_to_layouts_their_reader_accepts(mode: str, world: int
     for k, e in m.tensors.items():
         assert tuple(got.tensors[k].pieces) == e.pieces, k
     assert got.nbytes == m.nbytes
+
+
+def _split_manifest(world: int, shapes: list[tuple[int, int]]) -> Manifest:
+    """Every tensor split with torch.chunk sizes over ``world`` ranks, each rank's parts back to back in its file."""
+    entries: dict[str, list[Piece]] = {f"t{i}": [] for i in range(len(shapes))}
+    files = {}
+    for r in range(world):
+        name, pos = f"shard-abcdef01-r{r}-0.safetensors", 4096
+        for i, (rows, cols) in enumerate(shapes):
+            c = -(-rows // world)
+            n = max(0, min(c, rows - r * c))
+            if n:
+                entries[f"t{i}"].append(Piece(name, pos, pos + n * cols * 4, r + i, (r * c, 0), (n, cols)))
+                pos += n * cols * 4
+        if pos > 4096:
+            files[name] = pos
+    return Manifest(
+        step=1,
+        tree={"t": "dict", "k": list(entries), "v": [{"t": "tensor", "key": k} for k in entries]},
+        tensors={f"t{i}": TensorEntry("float32", shapes[i], tuple(entries[f"t{i}"])) for i in range(len(shapes))},
+        files=files,
+        world_size=world,
+    )
+
+
+def test_sparse_layouts_are_refused_and_never_written() -> None:
+    # 300 two-part rows between two rows of 64 parts: ranks 2..63 would each span 302 rows for 2 parts, more
+    # than the reader's span budget; the writer's own check refuses that layout and writes the rows explicitly.
+    m = _split_manifest(64, [(64, 4)] + [(2, 4)] * 300 + [(64, 4)])
+    raw = m.to_bytes()
+    doc = json.loads(raw)
+    # Ranks 0 and 1 hold parts of every row in one file, so no subset of the rows is a run: all explicit.
+    assert not any("chunk" in row for row in doc["tensors"].values()) and "layout" not in doc
+    got = Manifest.from_bytes(raw)
+    assert {k: tuple(e.pieces) for k, e in got.tensors.items()} == {k: e.pieces for k, e in m.tensors.items()}
+    # Written with every row compact (what a hostile writer could do), the reader refuses it by its span.
+    import ckptstore.format.manifest as mfm
+
+    lines = mfm._compact_rows(m, 0, check=False)[1]
+    assert lines
+    d = json.loads(raw)
+    for k, e in m.tensors.items():
+        d["tensors"][k] = {"dtype": "float32", "shape": list(e.shape), "device": "cpu", "chunk": 1}
+    d["layout"] = {}
+    for line in lines:
+        name, v = line.strip().split(":", 1)
+        d["layout"][json.loads(name)] = json.loads(v)
+    d = {k: d[k] for k in [*[k for k in d if k not in ("layout", "tree", "extras")], "layout", "tree", "extras"]}
+    with pytest.raises(ManifestError, match="too sparse"):
+        Manifest.from_bytes(sign(d))
