@@ -42,6 +42,7 @@ import binascii
 import bisect
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import math
@@ -1303,7 +1304,7 @@ def _compact_rows(m: Manifest, min_parts: int, check: bool = True) -> tuple[dict
             if f in blocked:
                 continue
             part = items[0][2]
-            for (_, r0, _, _), (_, r1, _, _) in zip(items, items[1:]):  # type: ignore[misc]
+            for (_, r0, _, _), (_, r1, _, _) in itertools.pairwise(items):  # type: ignore[misc]
                 if any(nparts[k] > part for k in range(r0 + 1, r1)):
                     blocked.add(f)
                     todo.append(f)
