@@ -22,7 +22,7 @@ import crc32c as _crc
 import torch
 
 from .errors import IntegrityError, UnsupportedValueError
-from .format.manifest import Piece, TensorEntry
+from .format.manifest import Piece, TensorEntry, pieces_in_box
 from .format.safetensors import HeaderEntry, build_header, st_dtype_and_shape
 from .options import IOOptions
 from .plan import FilePlan, WriteItem
@@ -553,7 +553,7 @@ def plan_fill(
     d_shape = tuple(dest.shape)
     item = dest.element_size()
     tasks: list[ReadTask] = []
-    for p in entry.pieces:
+    for p in pieces_in_box(entry, d_off, d_shape):  # compact (format 2) rows: only the parts the box needs
         p_off = p.offsets if p.offsets is not None else (0,) * len(gshape)
         p_shape = p.shape if p.shape is not None else gshape
         if len(gshape) == 0:

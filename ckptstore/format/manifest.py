@@ -38,10 +38,19 @@ multiple of the manifest's size (see :data:`MAX_MANIFEST_BYTES`).
 
 from __future__ import annotations
 
+import binascii
+import bisect
+import contextlib
+import gc
+import itertools
 import json
+import logging
 import math
+import operator
 import re
-from collections.abc import Mapping, Sequence
+import struct
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from json.decoder import scanstring as _scanstring
 from typing import Any, NamedTuple
@@ -51,8 +60,12 @@ import torch
 from ..errors import ManifestError, UnsafeCheckpointError, UnsupportedValueError
 from .state import STORABLE_DTYPES, check_device, check_tree
 
+log = logging.getLogger(__name__)
+
 FORMAT_NAME = "ckptstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this reader reads (1: every piece explicit; 2: also compact rows of evenly split tensors).
+READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 #: Manifests larger than this are refused, by writers and readers alike (before a byte is parsed). Parsing costs
 #: (peak RSS over the bytes read, ``benchmarks/manifest_parse.py``): a realistic manifest ~2.5x its size (a
@@ -247,7 +260,10 @@ class TensorEntry(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return sum(p.end - p.start for p in self.pieces)
+        pieces = self.pieces
+        if isinstance(pieces, SplitPieces):
+            return pieces.nbytes
+        return sum(p.end - p.start for p in pieces)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape), "device": self.device}
@@ -289,10 +305,21 @@ class Manifest:
         """The manifest's bytes. Refuses (typed errors) to encode what a reader would refuse: see
         :func:`check_limits` — a step, epoch or time out of range or a tensor dtype ckptstore does not store
         (``UnsupportedValueError``), a manifest over :data:`MAX_MANIFEST_BYTES` or the JSON budget
-        (``ManifestError``)."""
+        (``ManifestError``), rows the reader refuses (:func:`_check_entries`: pieces outside their files, boxes that
+        overlap or leave a gap, ...; ``ManifestError``)."""
+        with _no_gc():
+            return self._to_bytes()
+
+    def _to_bytes(self) -> bytes:
         import datetime as dt
 
         _check_encodable(self)
+        compact: dict[str, int] = {}
+        layout: list[str] = []
+        if self.format_version >= 2:
+            compact, layout = _compact_layout(self)  # its rows and files checked with the reader's layout index
+        _check_entries(self, compact)
+        check_tree(self.tree, self.tensors, f"the manifest of step {self.step}")
         doc = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
@@ -308,6 +335,7 @@ class Manifest:
             "nbytes": self.nbytes,
             "files": dict(self.files),
             "tensors": None,  # written row by row below
+            "layout": None,  # format 2: where the parts of compact rows are, one file per line
             "tree": self.tree,
             "extras": self.extras,
         }
@@ -318,8 +346,15 @@ class Manifest:
         for k, v in doc.items():
             if k == "tensors":
                 memo: dict[str, str] = {}  # dtype, device and file names repeat across thousands of rows
-                rows = [f"  {_json_str(tk)}:{_tensor_json(te, memo)}" for tk, te in self.tensors.items()]
+                rows = [
+                    f"  {_json_str(tk)}:"
+                    + (_tensor_json(te, memo) if tk not in compact else _compact_json(te, compact[tk], memo))
+                    for tk, te in self.tensors.items()
+                ]
                 lines.append(' "tensors":{\n' + ",\n".join(rows) + "\n }" if rows else ' "tensors":{}')
+            elif k == "layout":
+                if layout:
+                    lines.append(' "layout":{\n' + ",\n".join(layout) + "\n }")
             else:
                 try:
                     value = enc(v)
@@ -344,7 +379,8 @@ class Manifest:
         check_limits(len(data), where=where)
         try:
             body_end = _check_self_crc(data, where)
-            return _Reader(data, body_end, where).read()
+            with _no_gc():
+                return _Reader(data, body_end, where).read()
         except MemoryError:
             raise ManifestError(
                 f"{where}: out of memory parsing a {len(data)}-byte manifest; free memory or raise the limits"
@@ -530,6 +566,10 @@ _PIECE_RE = re.compile(
     r'\{"file":' + _S + r',"range":\[' + _N + "," + _N + r'\],"crc32c":"([0-9a-f]{8})"'
     r'(?:,"offsets":' + _L + r',"shape":' + _L + r")?\}"
 )
+_CROW_RE = re.compile(
+    r"  " + _S + r':\{"dtype":' + _S + r',"shape":' + _L + r',"device":' + _S + r',"chunk":' + _N + r"\}(,?)"
+)
+_LAYOUT_RE = re.compile(r"  " + _S + r":\[" + _N + "," + _N + "," + _N + "," + _N + r',"([A-Za-z0-9+/]*={0,2})"\](,?)')
 _FIELD_RE = re.compile(rb' "([A-Za-z0-9_]+)":')
 _WS = re.compile(r"[ \t\n\r]*")
 _HEX8_S = re.compile(r"[0-9a-f]{8}")
@@ -564,6 +604,9 @@ class _Reader:
         self.ints: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
         self.dtypes: dict[str, tuple[str, int]] = {}
         self.devices: dict[str, str] = {}
+        self.version = 0
+        self.compact: list[tuple[str, tuple[int, ...], int, int]] = []  # format 2: (key, shape, chunk, itemsize)
+        self.layout: list[tuple[str, int, int, int, int, bytes]] | None = None
 
     def bad(self, msg: str) -> ManifestError:
         return ManifestError(f"{self.where}: {msg}")
@@ -617,6 +660,22 @@ class _Reader:
                 else:
                     raise self.bad("field 'tensors' must be an object with one tensor per line")
                 fields[key] = None
+            elif key == "layout":
+                if self._check_format(fields) < 2:
+                    raise self.bad("field 'layout' is format 2; this manifest says format_version 1")
+                rest = data[vpos:eol].strip(b" \t\r")
+                if rest == b"{":
+                    eol, tail = self._read_layout(eol + 1)
+                else:  # any other JSON spelling, on one line
+                    self.charge(json_cost(data, vpos, eol, ascii=self.ascii), "field 'layout'")
+                    text = str(mv[vpos:eol], "utf-8")
+                    try:
+                        value, i = self.decoder.raw_decode(text, _WS.match(text).end())
+                    except ValueError as e:
+                        raise self.bad(f"field 'layout' is not valid JSON on its line ({e})") from None
+                    tail = text[_WS.match(text, i).end() :]
+                    self._layout_doc(value)
+                fields[key] = None
             else:
                 self.charge(json_cost(data, vpos, eol, ascii=self.ascii), f"field {key!r}")
                 text = str(mv[vpos:eol], "utf-8")
@@ -659,6 +718,54 @@ class _Reader:
             pos = eol + 1
         raise self.bad("the tensors object is not closed")
 
+    def _read_layout(self, pos: int) -> tuple[int, bytes]:
+        """Layout lines, one file per line, up to the line `` }``."""
+        data, end = self.data, self.end
+        mv = memoryview(data)
+        out: list[tuple[str, int, int, int, int, bytes]] = []
+        self.layout = out
+        comma: bool | None = None
+        while pos < end:
+            eol = data.find(b"\n", pos, end)
+            if eol < 0:
+                eol = end
+            if data.startswith(b" }", pos):
+                if comma:
+                    raise self.bad("the last layout line ends with ','")
+                return eol, data[pos + 2 : eol].strip(b" \t\r")
+            if comma is False:
+                raise self.bad("a ',' is missing between two layout lines")
+            m = _LAYOUT_RE.fullmatch(str(mv[pos:eol], "utf-8"))
+            if m is None:
+                raise self.bad(f'layout line at byte {pos} is not \'  "file":[part,first,end,start,"crc32c"]\'')
+            name, p, a, b, st, crcs, tail = m.groups()
+            out.append(self._layout_entry(_unescape(name), int(p), int(a), int(b), int(st), crcs))
+            comma = tail == ","
+            pos = eol + 1
+        raise self.bad("the layout object is not closed")
+
+    def _layout_doc(self, lay: Any) -> None:
+        if not isinstance(lay, dict):
+            raise self.bad("field 'layout' must be an object")
+        self.layout = []
+        for name, v in lay.items():
+            if not isinstance(v, list) or len(v) != 5:
+                raise self.bad(f"layout of {name!r:.100} must be [part, first, end, start, crc32c]")
+            self.layout.append(self._layout_entry(name, *v))
+
+    def _layout_entry(
+        self, name: Any, p: Any, a: Any, b: Any, st: Any, crcs: Any
+    ) -> tuple[str, int, int, int, int, bytes]:
+        if not all(_int(x, 0, MAX_INT64) for x in (p, a, b, st)) or not isinstance(crcs, str):
+            raise self.bad(
+                f"layout of {name!r:.100}: [part, first, end, start, crc32c] must be 4 integers and a string"
+            )
+        try:
+            raw = binascii.a2b_base64(crcs, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise self.bad(f"layout of {name!r:.100}: crc32c is not base64") from None
+        return self._name(name), p, a, b, st, raw
+
     def _read_any(self) -> dict[str, Any]:
         data = self.data
         self.charge(json_cost(data, ascii=self.ascii), "the manifest (not in the line layout ckptstore writes)")
@@ -675,6 +782,11 @@ class _Reader:
             self.files = self._files(doc["files"])
         rows = self._req(doc, "tensors", dict)
         doc["tensors"] = None
+        lay = doc.pop("layout", None)
+        if lay is not None:
+            if self.version < 2:
+                raise self.bad(f"field 'layout' is format 2; this manifest says format_version {self.version}")
+            self._layout_doc(lay)
         for key in list(rows):
             self._row_dict(key, rows.pop(key))
         return doc
@@ -684,7 +796,16 @@ class _Reader:
         """Parse one row line; returns whether it ends with ','."""
         m = _ROW_RE.match(s)
         if m is None:
-            return self._row_json(s)
+            c = _CROW_RE.fullmatch(s)
+            if c is None:
+                return self._row_json(s)
+            key_raw, dt_raw, shape_raw, dev_raw, chunk, tail = c.groups()
+            key = _unescape(key_raw)
+            dt = self.dtypes.get(dt_raw) or self._dtype(_unescape(dt_raw), f"tensor {key!r}")
+            sh = self.raw_ints.get(shape_raw) or self._raw_ints(shape_raw)
+            dev = self.devices.get(dev_raw) or self._device(_unescape(dev_raw), f"tensor {key!r}")
+            self._add_compact(key, dt, sh, dev, int(chunk))
+            return tail == ","
         key_raw, dt_raw, shape_raw, dev_raw, enc_raw = m.groups()
         key = _scanstring(key_raw + '"', 0)[0] if "\\" in key_raw else key_raw
         dt = self.dtypes.get(dt_raw) or self._dtype(_unescape(dt_raw), f"tensor {key!r}")
@@ -780,6 +901,11 @@ class _Reader:
         sh = self._ints(t.get("shape"), "shape", w)
         dev = self._device(t.get("device", "cpu"), w)
         enc = self._encoding(t.get("encoding", "raw"), dt[0], sh[0], w)
+        if "chunk" in t and "pieces" not in t:
+            if enc != "raw" or not _int(t["chunk"], 1, MAX_NUMEL):
+                raise self.bad(f"{w}: chunk must be a positive integer (and the tensor raw)")
+            self._add_compact(key, dt, sh, dev, t["chunk"])
+            return
         pieces_doc = t.get("pieces")
         if not isinstance(pieces_doc, list):
             raise self.bad(f"{w}: pieces must be a list")
@@ -844,6 +970,19 @@ class _Reader:
                 f"({n} x {dt[0]} = {n * dt[1]} bytes)"
             )
         return _new_piece(Piece, (fname, start, end, crc, offs, bshape))
+
+    def _add_compact(
+        self, key: str, dt: tuple[str, int], sh: tuple[tuple[int, ...], int], dev: str, chunk: int
+    ) -> None:
+        if self.version < 2:
+            raise self.bad(f'tensor {key!r}: a compact row ("chunk") is format 2; this manifest says format 1')
+        if key in self.tensors:
+            raise self.bad(f"duplicate tensor key {key!r}")
+        shape = sh[0]
+        if not shape or not 1 <= chunk <= shape[0]:
+            raise self.bad(f"tensor {key!r}: chunk {chunk} must be in 1..{shape[0] if shape else 0} (its dim 0)")
+        self.compact.append((key, shape, chunk, dt[1]))
+        self.tensors[key] = _new_entry(TensorEntry, (dt[0], shape, (), dev, "raw"))  # pieces filled in _finish
 
     def _add(
         self,
@@ -944,6 +1083,7 @@ class _Reader:
             )
         if version < 1:
             raise self.bad(f"invalid format_version {version!r:.40}")
+        self.version = version
         return version  # type: ignore[no-any-return]
 
     def _files(self, files_doc: Any) -> dict[str, int]:
@@ -970,6 +1110,21 @@ class _Reader:
                     raise self.bad(f"tensor {key!r}: piece refers to file {p.file!r} that the manifest does not list")
                 if p.end > files[p.file]:
                     raise self.bad(f"tensor {key!r}: byte range [{p.start}, {p.end}] lies outside file {p.file!r}")
+        if self.compact or self.layout:
+            if not self.compact:
+                raise self.bad("field 'layout' describes files but no tensor row is compact")
+            ix = _LayoutIndex(
+                [(shape, c, isz) for _, shape, c, isz in self.compact],
+                self.layout or [],
+                files,
+                len(self.data) // 5,  # every part has a crc32c in the layout: 4 bytes, 5.33 in base64
+                self.where,
+            )
+            for row, (key, shape, _, isz) in enumerate(self.compact):
+                e = tensors[key]
+                tensors[key] = _new_entry(
+                    TensorEntry, (e.dtype, shape, SplitPieces(ix, row, shape, isz), e.device, "raw")
+                )
         step = self._req(doc, "step", int)
         if not 0 <= step <= MAX_STEP:
             raise self.bad(f"step {step!r:.40} is out of range (0..2**63-1)")
@@ -1023,6 +1178,454 @@ class _Reader:
             extras=extras,
             format_version=version,
         )
+
+
+# -- format 2: compact rows of evenly split tensors -------------------------------------------------------------
+# A tensor split along dim 0 into parts of ``chunk`` rows (the last may be shorter: torch.chunk sizes, what FSDP2
+# and DTensor Shard(0) hold) is one row ``{"dtype":..,"shape":..,"device":..,"chunk":c}`` without pieces. Where
+# its parts are is said by the ``layout`` field, one line per shard file holding such parts:
+#
+#     "shard-9f1c2a7b-r3-0.safetensors":[3,0,120,4096,"<base64>"]      (part, first row, end row, start, crc32c)
+#
+# meaning: that file holds, back to back from byte ``start`` to its end, part 3 of every compact row with index
+# (among the compact rows, in manifest order) in [0, 120) that has a part 3, in row order; the base64 string is
+# the big-endian crc32c of each of those parts. A file's description is O(1) plus 4 bytes per part (the crc):
+# nothing per part repeats the file name, the byte range or the box. Every part of every compact row lies in
+# exactly one such file (checked when parsing, in O((rows + files) log rows), without expanding a piece).
+
+
+_OFFSETS = operator.itemgetter(4)
+
+
+def _as_split(te: TensorEntry, itemsize: int) -> tuple[int, list[Piece]] | None:
+    """``(chunk, pieces in part order)`` when the entry's pieces are exactly the dim-0 parts of ``chunk`` rows."""
+    shape, pieces = te.shape, te.pieces
+    if te.encoding != "raw" or not shape or len(pieces) < 2 or not shape[0]:
+        return None
+    if any(p.offsets is None for p in pieces):
+        return None
+    ps = sorted(pieces, key=_OFFSETS)
+    d0, rest = shape[0], shape[1:]
+    c = ps[0][5][0] if ps[0][5] else 0
+    n = len(ps)
+    if c < 1 or -(-d0 // c) != n:
+        return None
+    rb = math.prod(rest) * itemsize
+    zeros = (0,) * len(rest)
+    full_shape, full_bytes = (c, *rest), c * rb
+    last_rows = d0 - (n - 1) * c
+    for i, p in enumerate(ps):  # p: (file, start, end, crc32c, offsets, shape)
+        o = p[4]
+        if i < n - 1:
+            if p[5] != full_shape or p[2] - p[1] != full_bytes or o[0] != i * c or o[1:] != zeros:
+                return None
+        elif p[5] != (last_rows, *rest) or p[2] - p[1] != last_rows * rb or o[0] != i * c or o[1:] != zeros:
+            return None
+    return c, ps
+
+
+def _compact_layout(m: Manifest) -> tuple[dict[str, int], list[str]]:
+    """:func:`_compact_rows`, retried with only the rows of the most parts when the layout would be too sparse
+    for the reader's span budget (many rows with few parts between the rows of many)."""
+    try:
+        return _compact_rows(m, 0)
+    except _TooSparse as e:
+        try:
+            return _compact_rows(m, e.max_parts)
+        except _TooSparse:
+            return {}, []
+
+
+class _TooSparse(Exception):
+    def __init__(self, max_parts: int) -> None:
+        self.max_parts = max_parts
+
+
+def _compact_rows(m: Manifest, min_parts: int, check: bool = True) -> tuple[dict[str, int], list[str]]:
+    """Which rows of ``m`` are written compact (``{key: chunk}``) and the ``layout`` lines for their files. A row is
+    compact when its pieces are the dim-0 parts of one chunk size and every one of its files holds nothing but
+    parts of one index of such rows, back to back to the end of the file, in row order. ``O(pieces)``."""
+    files = m.files
+    keys = list(m.tensors)
+    pos_of = {k: i for i, k in enumerate(keys)}
+    nparts = [0] * len(keys)
+    cand: dict[str, tuple[int, list[Piece]]] = {}
+    by_file: dict[str, list[tuple[int, int, Piece]]] = {}
+    blocked: set[str] = set()
+    for i, (key, te) in enumerate(m.tensors.items()):
+        got = _as_split(te, STORABLE_DTYPES[te.dtype].itemsize) if te.dtype in STORABLE_DTYPES else None
+        if got is not None and len(got[1]) < min_parts:
+            got = None
+        if got is None:
+            for p in te.pieces:
+                blocked.add(p.file)
+            continue
+        cand[key] = got
+        nparts[i] = len(got[1])
+        get = by_file.get
+        for part, p in enumerate(got[1]):
+            lst = get(p[0])
+            if lst is None:
+                lst = by_file[p[0]] = []
+            lst.append((p[1], i, part, p))  # type: ignore[arg-type]
+    if not cand:
+        return {}, []
+    for f, items in by_file.items():  # one part, back to back to the end of the file, rows ascending
+        if f in blocked:
+            continue
+        items.sort()
+        part = items[0][2]
+        ok = files.get(f) == items[-1][0] + items[-1][3].nbytes  # type: ignore[misc]
+        prev_end, prev_row = items[0][0], -1
+        for start, row, p_, pc in items:  # type: ignore[misc]
+            if p_ != part or start != prev_end or row <= prev_row:
+                ok = False
+                break
+            prev_end, prev_row = pc.end, row
+        if not ok:
+            blocked.add(f)
+    todo = list(blocked)
+    while True:
+        # Rows with a part in a blocked file are written explicitly, which blocks their other files in turn.
+        while todo:
+            f = todo.pop()
+            for _, row, _, _ in by_file.get(f, ()):  # type: ignore[misc]
+                got = cand.pop(keys[row], None)
+                if got is None:
+                    continue
+                nparts[row] = 0
+                for p in got[1]:
+                    if p.file not in blocked:
+                        blocked.add(p.file)
+                        todo.append(p.file)
+        # A file must hold a run: no compact row with its part between two of its rows (checked against the
+        # rows still compact; dropping rows only removes such gaps, so this converges).
+        for f, items in by_file.items():
+            if f in blocked:
+                continue
+            part = items[0][2]
+            for (_, r0, _, _), (_, r1, _, _) in itertools.pairwise(items):  # type: ignore[misc]
+                if any(nparts[k] > part for k in range(r0 + 1, r1)):
+                    blocked.add(f)
+                    todo.append(f)
+                    break
+        if not todo:
+            break
+    if not cand:
+        return {}, []
+    cidx: dict[int, int] = {}
+    for key in keys:
+        if key in cand:
+            cidx[pos_of[key]] = len(cidx)
+    lines = []
+    entries = []
+    for f, items in by_file.items():
+        if f in blocked:
+            continue
+        crcs = struct.pack(f">{len(items)}I", *(pc.crc32c for _, _, _, pc in items))  # type: ignore[misc]
+        a, b = cidx[items[0][1]], cidx[items[-1][1]] + 1  # type: ignore[misc]
+        b64 = binascii.b2a_base64(crcs, newline=False).decode()
+        lines.append(f'  {_json_str(f)}:[{items[0][2]},{a},{b},{items[0][0]},"{b64}"]')  # type: ignore[misc]
+        entries.append((f, items[0][2], a, b, items[0][0], crcs))  # type: ignore[misc]
+    # What the reader will check, checked here with the reader's own code: never commit a layout it refuses.
+    rows = [(m.tensors[k].shape, cand[k][0], STORABLE_DTYPES[m.tensors[k].dtype].itemsize) for k in keys if k in cand]
+    try:
+        if check:
+            _LayoutIndex(rows, entries, files, MAX_MANIFEST_BYTES // 5, f"the manifest of step {m.step}")
+    except _SpanError:
+        raise _TooSparse(max(len(v[1]) for v in cand.values())) from None
+    except ManifestError as e:  # a bug, not the caller's fault: the explicit rows are always readable
+        log.warning("format 2 layout refused by its own reader (%s); writing every row explicitly", e)
+        return {}, []
+    return {k: v[0] for k, v in cand.items()}, lines
+
+
+def _compact_json(t: TensorEntry, chunk: int, memo: dict[str, str]) -> str:
+    def js(v: str) -> str:
+        out = memo.get(v)
+        if out is None:
+            out = memo[v] = _json_str(v)
+        return out
+
+    return f'{{"dtype":{js(t.dtype)},"shape":{_ints(t.shape)},"device":{js(t.device)},"chunk":{int(chunk)}}}'
+
+
+class _SpanError(ManifestError):
+    """The layout's row ranges are too sparse for their parts (the writer then writes fewer rows compact)."""
+
+
+class _LayoutIndex:
+    """The parsed ``layout`` of a format-2 manifest: validated, and where each part of a compact row is."""
+
+    def __init__(
+        self,
+        rows: Sequence[tuple[tuple[int, ...], int, int]],
+        entries: Sequence[tuple[str, int, int, int, int, bytes]],
+        files: Mapping[str, int],
+        max_parts: int,
+        where: str,
+    ) -> None:
+        def bad(msg: str) -> ManifestError:
+            return ManifestError(f"{where}: {msg}")
+
+        # rows: (shape, chunk, itemsize)
+        n_rows = len(rows)
+        np_, full_, last_ = [0] * n_rows, [0] * n_rows, [0] * n_rows
+        total = 0
+        for i, (shape, c, itemsize) in enumerate(rows):
+            d0 = shape[0]
+            n = -(-d0 // c)
+            total += n
+            if total > max_parts:
+                raise bad(
+                    f"its compact rows have more than {max_parts} parts, more than its layout can describe; the "
+                    "manifest is hostile or damaged"
+                )
+            rb = math.prod(shape[1:]) * itemsize
+            np_[i], full_[i], last_[i] = n, c * rb, (d0 - (n - 1) * c) * rb
+        self.np, self.full, self.last = np_, full_, last_
+        self.chunks = [r[1] for r in rows]
+        seen: set[str] = set()
+        span = 0
+        for f, _, a, b, _, _ in entries:
+            span += b - a
+            if f in seen:
+                raise bad(f"file {f!r} is described twice in the layout")
+            seen.add(f)
+            if f not in files:
+                raise bad(f"the layout describes file {f!r} that the manifest does not list")
+            if not 0 <= a < b <= n_rows:
+                raise bad(f"the layout of {f!r} names rows [{a}, {b}) but there are {n_rows} compact rows")
+        # Finding a part walks its file's row range once: the ranges may not hold far more rows than parts.
+        if span > 16 * total + 4 * n_rows + 4096:
+            raise _SpanError(
+                f"{where}: the layout's files span {span} rows for {total} parts, too sparse to index (ckptstore "
+                "never writes one); the manifest is hostile or damaged"
+            )
+        # Parts and bytes of every entry: offline over the parts, descending, with two Fenwick trees.
+        cnt = [0] * len(entries)
+        nbytes = [0] * len(entries)
+        by_np: dict[int, tuple[list[int], list[int]]] = {}
+        for i in range(n_rows):
+            lst = by_np.setdefault(np_[i], ([], [0]))
+            lst[0].append(i)
+            lst[1].append(lst[1][-1] + last_[i])
+        rows_desc = sorted(range(n_rows), key=lambda i: -np_[i])
+        bit_c, bit_f = [0] * (n_rows + 1), [0] * (n_rows + 1)
+
+        def add(bit: list[int], i: int, v: int) -> None:
+            i += 1
+            while i <= n_rows:
+                bit[i] += v
+                i += i & -i
+
+        def upto(bit: list[int], i: int) -> int:
+            out = 0
+            while i > 0:
+                out += bit[i]
+                i -= i & -i
+            return out
+
+        pc = pf = 0
+        for e in sorted(range(len(entries)), key=lambda e: -entries[e][1]):
+            f, p, a, b, s, crcs = entries[e]
+            while pc < n_rows and np_[rows_desc[pc]] > p:
+                add(bit_c, rows_desc[pc], 1)
+                pc += 1
+            while pf < n_rows and np_[rows_desc[pf]] > p + 1:
+                add(bit_f, rows_desc[pf], full_[rows_desc[pf]])
+                pf += 1
+            n = upto(bit_c, b) - upto(bit_c, a)
+            nb = upto(bit_f, b) - upto(bit_f, a)
+            lst = by_np.get(p + 1)
+            if lst is not None:
+                nb += lst[1][bisect.bisect_left(lst[0], b)] - lst[1][bisect.bisect_left(lst[0], a)]
+            if not n:
+                raise bad(f"the layout of {f!r} names no part (part {p} of rows [{a}, {b}))")
+            if len(crcs) != 4 * n:
+                raise bad(f"the layout of {f!r} has {len(crcs) // 4} checksums for {n} parts")
+            if s + nb != files[f]:
+                raise bad(
+                    f"the layout of {f!r} puts {nb} bytes of parts at byte {s}, but the file has {files[f]} bytes"
+                )
+            cnt[e], nbytes[e] = n, nb
+        # Every part of every compact row in exactly one file: per part, disjoint row ranges holding them all.
+        need = sorted(np_, reverse=True)
+        by_part: dict[int, list[tuple[int, int]]] = {}
+        for e, (_, p, a, _, _, _) in enumerate(entries):
+            by_part.setdefault(p, []).append((a, e))
+        self.by_part: dict[int, tuple[list[int], list[int]]] = {}
+        j = len(need)
+        for p in sorted(by_part):  # ascending: fewer rows have a part p as p grows
+            lst = sorted(by_part[p])
+            prev_b = 0
+            for a, e in lst:
+                if a < prev_b:
+                    raise bad(f"two files of the layout hold part {p} of the same compact rows")
+                prev_b = entries[e][3]
+            while j and need[j - 1] <= p:
+                j -= 1
+            if sum(cnt[e] for _, e in lst) != j:
+                raise bad(f"the layout holds {sum(cnt[e] for _, e in lst)} parts {p} of compact rows, not {j}")
+            self.by_part[p] = ([a for a, _ in lst], [e for _, e in lst])
+        if total != sum(cnt):
+            raise bad(f"the layout holds {sum(cnt)} parts of compact rows, which have {total}")
+        self.entries = list(entries)
+        self._pos: dict[int, tuple[array, array]] = {}
+
+    def locate(self, row: int, part: int) -> tuple[str, int, int, int]:
+        """``(file, start, end, crc32c)`` of ``part`` of compact ``row``."""
+        starts, eids = self.by_part[part]
+        e = eids[bisect.bisect_right(starts, row) - 1]
+        f, _, a, _, s, crcs = self.entries[e]
+        tab = self._pos.get(e)
+        if tab is None:
+            tab = self._pos[e] = self._table(e)
+        off, idx = tab[0][row - a], tab[1][row - a]
+        size = self.full[row] if part < self.np[row] - 1 else self.last[row]
+        return f, s + off, s + off + size, int.from_bytes(crcs[4 * idx : 4 * idx + 4], "big")
+
+    def _table(self, e: int) -> tuple[array, array]:
+        _, p, a, b, _, _ = self.entries[e]
+        off, idx = array("q", bytes(8 * (b - a))), array("q", bytes(8 * (b - a)))
+        np_, full, last = self.np, self.full, self.last
+        cur = k = 0
+        for j in range(a, b):
+            n = np_[j]
+            if n > p:
+                off[j - a], idx[j - a] = cur, k
+                cur += full[j] if p < n - 1 else last[j]
+                k += 1
+        return off, idx
+
+
+class SplitPieces(Sequence[Piece]):
+    """The pieces of a compact (format 2) row, made on access: ``len``, indexing and iteration as a tuple of
+    :class:`Piece`; :meth:`intersecting` finds the parts a box needs by arithmetic."""
+
+    __slots__ = ("_ix", "_row", "chunk", "nbytes", "shape")
+
+    def __init__(self, ix: _LayoutIndex, row: int, shape: tuple[int, ...], itemsize: int) -> None:
+        self._ix, self._row, self.shape = ix, row, shape
+        self.chunk = ix.chunks[row]
+        self.nbytes = math.prod(shape) * itemsize
+
+    def __len__(self) -> int:
+        return self._ix.np[self._row]
+
+    def _piece(self, p: int) -> Piece:
+        f, start, end, crc = self._ix.locate(self._row, p)
+        c, shape = self.chunk, self.shape
+        rows = min(c, shape[0] - p * c)
+        zeros = (0,) * (len(shape) - 1)
+        return _new_piece(Piece, (f, start, end, crc, (p * c, *zeros), (rows, *shape[1:])))
+
+    def __getitem__(self, i: Any) -> Any:
+        n = len(self)
+        if isinstance(i, slice):
+            return tuple(self._piece(p) for p in range(*i.indices(n)))
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("piece index out of range")
+        return self._piece(i)
+
+    def __iter__(self) -> Any:
+        return (self._piece(p) for p in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (tuple, list, SplitPieces)):
+            return len(self) == len(other) and tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"SplitPieces({len(self)} parts of {self.chunk} rows)"
+
+    def intersecting(self, offsets: Sequence[int], shape: Sequence[int]) -> list[Piece]:
+        """The parts that intersect the box ``offsets`` + ``shape``, in order: ``O(parts returned)``."""
+        if not shape or 0 in shape:
+            return []
+        c, d0 = self.chunk, self.shape[0]
+        lo = max(0, offsets[0]) // c
+        hi = min(len(self), -(-min(d0, offsets[0] + shape[0]) // c))
+        return [self._piece(p) for p in range(lo, hi)]
+
+
+def pieces_in_box(entry: TensorEntry, offsets: Sequence[int], shape: Sequence[int]) -> Sequence[Piece]:
+    """The pieces of ``entry`` a reader of the box ``offsets`` + ``shape`` may need: for compact rows only the
+    parts that intersect it (arithmetic), else the entry's pieces (the caller intersects each)."""
+    ps = entry.pieces
+    if isinstance(ps, SplitPieces):
+        return ps.intersecting(offsets, shape)
+    return ps
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    # Encoding and parsing build millions of acyclic tuples; the cyclic GC's full passes would rescan them.
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _check_entries(m: Manifest, compact: Mapping[str, int] | None = None) -> None:
+    """Writer side: the tensor rows a reader refuses (``ManifestError``), checked with the reader's rules —
+    device names, shapes and element counts, every piece inside a listed file with exactly its box's bytes,
+    the boxes of a tensor disjoint and covering it. ``O(pieces log pieces)``."""
+    where = f"the manifest of step {m.step}"
+    files = m.files
+    for name in files:
+        check_file_name(name)
+    devices: set[str] = set()
+    for key, t in m.tensors.items():
+        if not isinstance(key, str):
+            raise ManifestError(f"{where}: tensor key {key!r} is not a string")
+        w = f"{where}: tensor {key!r}"
+        if t.device not in devices:
+            check_device(t.device, w)
+            devices.add(t.device)
+        shape = tuple(t.shape)
+        numel = 1
+        for x in shape:
+            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_NUMEL:
+                raise ManifestError(f"{w}: shape {list(shape)!r:.200} has a dimension outside 0..2**62")
+            numel *= x
+        if numel > MAX_NUMEL:
+            raise ManifestError(f"{w}: more than 2**62 elements")
+        itemsize = STORABLE_DTYPES[t.dtype].itemsize
+        if isinstance(t.pieces, SplitPieces) or (compact and key in compact):
+            continue  # built by the reader, or a compact row: boxes checked by _as_split, files by the layout
+        boxes: list[_Box] = []
+        for p in t.pieces:
+            size = files.get(p.file)
+            if size is None:
+                raise ManifestError(f"{w}: piece refers to file {p.file!r} that the manifest does not list")
+            if not 0 <= p.start <= p.end <= size:
+                raise ManifestError(f"{w}: byte range [{p.start}, {p.end}] lies outside file {p.file!r} ({size} B)")
+            if p.offsets is None:
+                n = numel
+                if n:
+                    boxes.append(((0,) * len(shape), shape, n))
+            else:
+                bs = tuple(p.shape or ())
+                if len(p.offsets) != len(shape) or len(bs) != len(shape):
+                    raise ManifestError(f"{w}: piece box rank does not match the tensor's")
+                if any(o < 0 or s < 0 or o + s > g for o, s, g in zip(p.offsets, bs, shape)):
+                    raise ManifestError(f"{w}: piece box {list(p.offsets)}+{list(bs)} exceeds shape {list(shape)}")
+                n = math.prod(bs)
+                if n:
+                    boxes.append((tuple(p.offsets), bs, n))
+            if n * itemsize != p.end - p.start:
+                raise ManifestError(f"{w}: piece byte range [{p.start}, {p.end}] does not match its box and dtype")
+        if len(boxes) != 1 or boxes[0][2] != numel:
+            check_cover(shape, numel, boxes, w)
 
 
 # -- coverage ------------------------------------------------------------------------------------------------

@@ -77,6 +77,12 @@ def build_header(entries: Sequence[HeaderEntry], metadata: dict[str, str] | None
         pos += e.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
+    if len(raw) > MAX_HEADER_BYTES:  # the limit parse_header (and safetensors) applies: never write what they refuse
+        raise ManifestError(
+            f"a shard header of {len(entries)} tensors would be {len(raw)} bytes, more than the {MAX_HEADER_BYTES} "
+            "readers accept (ckptstore.format.safetensors.MAX_HEADER_BYTES); save fewer, larger tensors or use "
+            "smaller shard files (IOOptions.file_bytes)"
+        )
     return struct.pack("<Q", len(raw)) + raw, 8 + len(raw)
 
 

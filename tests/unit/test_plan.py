@@ -69,17 +69,17 @@ def test_replicated_tensor_written_by_exactly_one_rank() -> None:
     assert len(items) == 1 and items[0][1].whole and items[0][1].nbytes == 400
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 64])
 def test_big_tensor_chunked_along_dim0_across_ranks(world: int) -> None:
     opts = IOOptions(chunk_bytes=1 * MiB)
-    s = [spec("emb", (1000, 1024), 0)]  # 4000 KiB -> 4 chunks, rounded up to a multiple of the ranks
+    s = [spec("emb", (1000, 1024), 0)]  # 4000 KiB -> 4 chunks, whatever the world size
     plan = plan_writes([s] * world, save_id="s", options=opts)
     items = [it for f in plan.files for it in f.items]
-    assert all(not it.whole and it.shape[1:] == (1024,) for it in items) and len(items) % world == 0
-    assert len(items) >= 4 and all(it.nbytes <= opts.chunk_bytes for it in items)
+    assert all(not it.whole and it.shape[1:] == (1024,) for it in items)
+    assert len(items) == 4 and all(it.nbytes <= opts.chunk_bytes for it in items)
     c = cover(plan)
     assert sorted(r for _, r in c) == list(range(1000)) and set(c.values()) == {1024}  # every row once
-    assert {f.rank for f in plan.files} == set(range(world))
+    assert {f.rank for f in plan.files} == set(range(min(world, 4)))
     per_rank = plan.bytes_per_rank()
     assert max(per_rank) - min(per_rank) <= 1024 * 4 * math.ceil(1000 / len(items))  # at most one chunk apart
 
