@@ -1,6 +1,7 @@
 """Fixtures of the framework tests. Frameworks change torch's process-wide settings (Lightning's
 ``Trainer(deterministic=True)`` turns on ``torch.use_deterministic_algorithms``, which makes every later
-``torch.empty`` fill its memory): each test gets them back as they were, so no test of another module runs under them."""
+``torch.empty`` fill its memory): each test module gives them back as they were, so no other module runs under
+them."""
 
 from __future__ import annotations
 
