@@ -33,15 +33,14 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import heapq
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._gcpause import gc_pause
 from .options import IOOptions
 
 
@@ -518,26 +517,13 @@ def rank_plan(plan: CompactPlan, rank: int, save_id: str) -> list[FilePlan]:
     return [FilePlan(shard_file_name(save_id, rank, idx), rank, tuple(f)) for idx, f in enumerate(files)]
 
 
-@contextlib.contextmanager
-def no_gc() -> Iterator[None]:
-    """The cyclic GC off while millions of acyclic objects are built (its full passes would otherwise scan
-    them again and again: planning at thousands of ranks spends most of its time there)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def plan_writes(per_rank: Sequence[Sequence[LocalSpec]], *, save_id: str, options: IOOptions) -> WritePlan:
     """Decide which rank writes which bytes into which shard file.
 
     ``per_rank[r]`` lists the boxes rank ``r`` holds. Raises ``ValueError`` when ranks disagree about a
     tensor's dtype or global shape. ``describe`` + ``plan_layout`` + ``rank_plan`` for every rank.
     """
-    with no_gc():
+    with gc_pause():
         cplan = plan_layout(describe(per_rank), options)
         files: list[FilePlan] = []
         for r in range(cplan.layout.world_size):

@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import binascii
 import bisect
-import contextlib
-import gc
 import itertools
 import json
 import logging
@@ -50,13 +48,14 @@ import operator
 import re
 import struct
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from json.decoder import scanstring as _scanstring
 from typing import Any, NamedTuple
 
 import torch
 
+from .._gcpause import gc_pause
 from ..errors import ManifestError, UnsafeCheckpointError, UnsupportedValueError
 from .state import STORABLE_DTYPES, check_device, check_tree
 
@@ -307,7 +306,7 @@ class Manifest:
         (``UnsupportedValueError``), a manifest over :data:`MAX_MANIFEST_BYTES` or the JSON budget
         (``ManifestError``), rows the reader refuses (:func:`_check_entries`: pieces outside their files, boxes that
         overlap or leave a gap, ...; ``ManifestError``)."""
-        with _no_gc():
+        with gc_pause():
             return self._to_bytes()
 
     def _to_bytes(self) -> bytes:
@@ -379,7 +378,7 @@ class Manifest:
         check_limits(len(data), where=where)
         try:
             body_end = _check_self_crc(data, where)
-            with _no_gc():
+            with gc_pause():
                 return _Reader(data, body_end, where).read()
         except MemoryError:
             raise ManifestError(
@@ -1561,18 +1560,6 @@ def pieces_in_box(entry: TensorEntry, offsets: Sequence[int], shape: Sequence[in
     if isinstance(ps, SplitPieces):
         return ps.intersecting(offsets, shape)
     return ps
-
-
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    # Encoding and parsing build millions of acyclic tuples; the cyclic GC's full passes would rescan them.
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _check_entries(m: Manifest, compact: Mapping[str, int] | None = None) -> None:
