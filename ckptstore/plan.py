@@ -449,10 +449,11 @@ def plan_layout(layout: SaveLayout, options: IOOptions) -> CompactPlan:
     return CompactPlan(layout, options, {r: tuple(v) for r, v in assigned.items()}, tuple(load), tuple(shard0))
 
 
-def rank_plan(plan: CompactPlan, rank: int, save_id: str) -> list[FilePlan]:
+def rank_plan(plan: CompactPlan, rank: int, save_id: str, extra: Sequence[LocalSpec] = ()) -> list[FilePlan]:
     """The shard files ``rank`` writes, derived from the compact plan alone in ``O(tensors + items of the
     rank)``: its parts of evenly split tensors (in runs of consecutive tensors, one run per file) and the
-    replicated / irregular items assigned to it (balanced over the other files)."""
+    replicated / irregular items assigned to it (balanced over the other files). ``extra``: whole tensors only
+    this rank holds and writes itself, outside the plan (``PerRank`` values), balanced with the latter."""
     opts = plan.options
     parts: list[WriteItem] = []
     chunks: list[WriteItem] = []
@@ -470,12 +471,17 @@ def rank_plan(plan: CompactPlan, rank: int, save_id: str) -> list[FilePlan]:
         nb = rows * rb
         offs = (p * c, *zeros)
         shape = (rows, *rest)
-        if nb <= cb or rows <= 1:
+        if c * rb <= cb or c <= 1:  # decided by the full part, alike on every rank: a compact row of format 2
             parts.append(WriteItem(key, offs, shape, nb, order, False))
-        else:  # a part bigger than chunk_bytes: its chunks are balanced over files like any other item
+        else:  # parts bigger than chunk_bytes: their chunks are balanced over files like any other item
             split = _split_rows(offs, shape, nb, cb, enc)
             chunks.extend(WriteItem(key, o, sh, math.prod(sh) * itemsize, order, False) for o, sh in split)
     others = list(plan.assigned.get(rank, ()))
+    for s in extra:
+        nb = s.nbytes
+        for o, sh in _split_rows(s.offsets, s.shape, nb, cb, s.encoding):
+            whole = sh == s.global_shape and not any(o)
+            chunks.append(WriteItem(s.key, o, sh, math.prod(sh) * s.itemsize, s.order, whole))
     if chunks:
         others = sorted(others + chunks, key=lambda i: (-i.nbytes, i.order, i.key, i.offsets))
     total = sum(i.nbytes for i in parts) + sum(i.nbytes for i in others)

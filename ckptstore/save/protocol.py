@@ -3,11 +3,13 @@
 :class:`SaveProtocol` runs one save on every rank in three phases, each one call of a :mod:`ckptstore.dist`
 phase helper (so a failure on any rank reaches every rank as one typed error naming the failed ranks):
 
-1. *decide* (``Comm.decide``): rank 0 lists the step's generations; a step in service is a
-   ``CheckpointExistsError`` everywhere, else the generation to commit, the ``save_id`` and the lineage parent.
-   Rank 0 then writes the lease (:class:`Lease`).
-2. *plan* (``Comm.gather_decide``): every rank sends its boxes; rank 0 refuses preparation errors and diverged
-   replicas, else plans the writes (``plan.plan_writes``).
+1. *decide* (``Comm.gather_decide``): every rank sends the fingerprint of the layout it derived from its own
+   boxes (:mod:`ckptstore.save.plans`); rank 0 lists the step's generations: a step in service is a
+   ``CheckpointExistsError`` everywhere, else the generation to commit, the ``save_id``, the lineage parent, and
+   whether every rank plans alone (all fingerprints equal). Rank 0 then writes the lease (:class:`Lease`).
+2. *plan*: when the ranks agreed, each rank plans its own files, with no collective (and no planning at all
+   when the structure is the previous save's). Otherwise (``Comm.gather_decide``) every rank sends its boxes;
+   rank 0 refuses preparation errors and diverged replicas, else plans the writes (``plan.plan_writes``).
 3. *write and commit* (``Comm.gather_decide``): every rank writes its files; rank 0 commits iff every rank
    succeeded (:class:`StepCommit`); the outcome reaches every rank.
 
@@ -45,11 +47,12 @@ from ..format.state import merge_trees
 from ..io import WrittenFile, write_files
 from ..layout import LEASE_PREFIX, manifest_name
 from ..options import IOOptions
-from ..plan import LocalSpec, WritePlan, diverged_replicas, plan_writes
+from ..plan import FilePlan, LocalSpec, TensorLayout, WritePlan, diverged_replicas, plan_writes
 from ..storage import Storage
 from ..tiers import Tiers
 from ..transfer import generation_of, step_files
 from ..types import SaveResult
+from .plans import LocalLayout, LocalPlans, Structure, agreed
 from .prepare import SaveJob
 
 log = logging.getLogger("ckptstore")
@@ -195,6 +198,8 @@ class Attempt:
     generation: int
     save_id: str
     parent: tuple[int, int] | None
+    local: bool = False
+    """Every rank derived the same layout from its own boxes: each plans its own files, nothing is gathered."""
 
 
 @dataclass
@@ -206,8 +211,10 @@ class _Run:
     commit: StepCommit
     lease: Lease | None = None
     lease_error: OSError | None = None
+    mine: LocalLayout | None = None
+    """This rank's layout, derived from its own boxes (None: irregular, or not prepared)."""
     all_specs: list[Any] | None = None
-    """Rank 0: every rank's specs, from the plan phase."""
+    """Rank 0, when the plan was gathered: every rank's specs."""
 
 
 class SaveProtocol:
@@ -218,14 +225,16 @@ class SaveProtocol:
         self.comm = comm
         self.io = io
         self.lineage = lineage
+        self.plans = LocalPlans()
 
     @property
     def storage(self) -> Storage:
         return self.tiers.primary.storage
 
     def run(self, job: SaveJob) -> SaveResult:
-        attempt = self._decide(job)
-        run = _Run(job, attempt, StepCommit(self.storage, job.step, attempt.save_id, attempt.generation))
+        mine = self._derive(job)
+        attempt = self._decide(job, mine)
+        run = _Run(job, attempt, StepCommit(self.storage, job.step, attempt.save_id, attempt.generation), mine=mine)
         try:
             try:
                 self._start_lease(run)
@@ -247,8 +256,20 @@ class SaveProtocol:
         return self._result(job, nbytes, nfiles)
 
     # -- phase 1 ----------------------------------------------------------------------------------------------
-    def _decide(self, job: SaveJob) -> Attempt:
-        def decide() -> Attempt:
+    def _derive(self, job: SaveJob) -> LocalLayout | None:
+        if job.prep_error is not None:
+            return None  # the plan phase gathers, and reports this rank's error to every rank
+        try:
+            return self.plans.derive(job.specs, job.tree, rank=self.comm.rank, world=self.comm.world_size)
+        except Exception as e:  # never fatal here: the gathered plan phase refuses what is wrong, naming ranks
+            log.debug("step %d: no local layout (%r); the plan is gathered", job.step, e)
+            return None
+
+    def _decide(self, job: SaveJob, mine: LocalLayout | None) -> Attempt:
+        def structure() -> Structure:
+            return mine.structure if mine is not None else Structure(None, "")
+
+        def decide(structures: list[Structure]) -> Attempt:
             try:
                 self.storage.check_commit_support()  # refuse before any rank uploads a byte
                 parent = self.lineage.parent_for(job.step, self.tiers)
@@ -257,10 +278,12 @@ class SaveProtocol:
                 files = step_files(self.storage, job.step)
             except OSError as e:
                 raise _check_error(e, f"step {job.step} was not saved: cannot check {self.storage.url}") from e
-            return Attempt(files.visible is not None, files.next_generation, uuid.uuid4().hex[:8], parent)
+            local = agreed(structures)
+            return Attempt(files.visible is not None, files.next_generation, uuid.uuid4().hex[:8], parent, local)
 
         what = f"start of the save of step {job.step}"
-        attempt = self.comm.decide(what, decide, fail=rank_errors(f"step {job.step} was not saved"))
+        fail = rank_errors(f"step {job.step} was not saved")
+        attempt = self.comm.gather_decide(what, structure, decide, fail=fail)
         if attempt.exists:
             raise CheckpointExistsError(
                 f"step {job.step} is already committed under {self.storage.url}; steps are immutable — save under a "
@@ -283,8 +306,11 @@ class SaveProtocol:
             run.lease_error = e  # reported as this rank's write failure
 
     # -- phase 2 ----------------------------------------------------------------------------------------------
-    def _plan(self, run: _Run) -> WritePlan:
+    def _plan(self, run: _Run) -> list[FilePlan]:
         job = run.job
+        if run.attempt.local:
+            assert run.mine is not None
+            return self.plans.files(run.mine, self._plan_options(), save_id=run.attempt.save_id, rank=self.comm.rank)
 
         def local() -> list[LocalSpec]:
             if job.prep_error is not None:
@@ -299,7 +325,8 @@ class SaveProtocol:
             return plan_writes(all_specs, save_id=run.attempt.save_id, options=self._plan_options())
 
         fail = rank_errors(f"step {job.step} was not saved: preparing the state", own_first=True)
-        return self.comm.gather_decide(f"the write plan for step {job.step}", local, coordinate, fail=fail)
+        plan = self.comm.gather_decide(f"the write plan for step {job.step}", local, coordinate, fail=fail)
+        return plan.for_rank(self.comm.rank)
 
     def _plan_options(self) -> IOOptions:
         """``self.io``, with shard files no bigger than the storage prefers (S3: one PutObject each)."""
@@ -309,23 +336,22 @@ class SaveProtocol:
         return replace(self.io, file_bytes=cap)
 
     # -- phase 3 ----------------------------------------------------------------------------------------------
-    def _write_and_commit(self, run: _Run, plan: WritePlan) -> tuple[int, int]:
+    def _write_and_commit(self, run: _Run, mine: list[FilePlan]) -> tuple[int, int]:
         job = run.job
+        own = run.mine.own if run.attempt.local and run.mine is not None else ()
 
-        def local() -> tuple[list[WrittenFile], Any]:
+        def local() -> tuple[list[WrittenFile], Any, tuple[LocalSpec, ...]]:
             try:
                 if run.lease_error is not None:
                     raise run.lease_error
-                mine = plan.for_rank(self.comm.rank)
-                return write_files(self.storage, run.commit.prefix, mine, job.sources, self.io), job.tree
+                return write_files(self.storage, run.commit.prefix, mine, job.sources, self.io), job.tree, own
             except Exception as e:
                 if self.comm.is_distributed:
                     log.error("rank %d failed writing step %d: %r", self.comm.rank, job.step, e)
                 raise
 
-        def coordinate(reports: list[tuple[list[WrittenFile], Any]]) -> tuple[int, int]:
-            assert run.all_specs is not None
-            m = build_manifest(job, run.all_specs, reports, run.attempt, self.comm.world_size)
+        def coordinate(reports: list[tuple[list[WrittenFile], Any, tuple[LocalSpec, ...]]]) -> tuple[int, int]:
+            m = build_manifest(job, self._spec_of(run, reports), reports, run.attempt, self.comm.world_size)
             run.commit.commit(m)
             self.tiers.primary.remember(m)
             self.lineage.saved(job.step, generation_of(m))
@@ -341,6 +367,25 @@ class SaveProtocol:
                     failed_ranks=e.failed_ranks,
                 ) from e
             raise
+
+    @staticmethod
+    def _spec_of(run: _Run, reports: Sequence[tuple[Any, Any, Sequence[LocalSpec]]]) -> dict[str, _Meta]:
+        """Rank 0: every tensor's dtype, shape, order, device and encoding, from the layout (and the ranks'
+        ``PerRank`` tensors) or from the gathered specs."""
+        spec_of: dict[str, _Meta] = {}
+        if run.attempt.local:
+            assert run.mine is not None
+            for t in run.mine.layout.tensors:
+                spec_of[t.key] = t
+            for _, _, own in reports:
+                for sp in own:
+                    spec_of.setdefault(sp.key, sp)
+            return spec_of
+        assert run.all_specs is not None
+        for specs in run.all_specs:
+            for sp in specs:
+                spec_of.setdefault(sp.key, sp)
+        return spec_of
 
     def _result(self, job: SaveJob, nbytes: int, nfiles: int) -> SaveResult:
         seconds = time.perf_counter() - job.t0
@@ -377,25 +422,27 @@ def _check_error(e: OSError, what: str) -> BaseException:
     return typed_os_error(e, what)
 
 
+_Meta = LocalSpec | TensorLayout
+"""What the manifest says of a tensor besides its pieces (``order``, ``dtype``, ``global_shape``, ``device``,
+``encoding``)."""
+
+
 def build_manifest(
     job: SaveJob,
-    all_specs: Sequence[Sequence[LocalSpec]],
-    reports: Sequence[tuple[Sequence[WrittenFile], Any]],
+    spec_of: Mapping[str, _Meta],
+    reports: Sequence[tuple[Sequence[WrittenFile], Any, Any]],
     attempt: Attempt,
     world_size: int,
 ) -> Manifest:
-    """Rank 0: the manifest of a save from every rank's specs and written files (pieces sorted by box)."""
+    """Rank 0: the manifest of a save from every tensor's metadata and every rank's written files (pieces sorted
+    by box)."""
     pieces: dict[str, list[Piece]] = {}
     files: dict[str, int] = {}
-    for written, _ in reports:
+    for written, *_ in reports:
         for wf in written:
             files[wf.name] = wf.size
             for key, p in wf.pieces:
                 pieces.setdefault(key, []).append(p)
-    spec_of: dict[str, LocalSpec] = {}
-    for specs in all_specs:
-        for sp in specs:
-            spec_of.setdefault(sp.key, sp)
     entries: dict[str, TensorEntry] = {}
     for key in sorted(spec_of, key=lambda k: (spec_of[k].order, k)):
         sp = spec_of[key]
@@ -404,7 +451,7 @@ def build_manifest(
     parent = None if attempt.parent is None else {"step": attempt.parent[0], "generation": attempt.parent[1]}
     return Manifest(
         step=job.step,
-        tree=merge_trees([tree for _, tree in reports]),
+        tree=merge_trees([r[1] for r in reports]),
         tensors=entries,
         files=files,
         epoch=job.epoch,
