@@ -164,6 +164,63 @@ def _build_manifest(cplan_or_plan, world: int, tensors: list, new: bool):
     return Manifest(step=1000, tree=tree, tensors=entries, files=files, world_size=world, save_id=sid)
 
 
+def _build_manifest_lines(cplan, world: int, tensors: list, opts, res: dict):
+    """What the protocol does with per-rank plans: every rank turns its written files into its report (files of
+    compact parts as layout lines, ``CompactRows.parts_files``); rank 0 assembles the manifest from the layout
+    and the reports (``save.protocol.build_manifest``). Fills the per-rank and rank-0 figures of ``res``."""
+    from ckptstore.format.manifest import Piece
+    from ckptstore.io import WrittenFile
+    from ckptstore.plan import compact_keys, rank_plan
+    from ckptstore.save import protocol
+    from ckptstore.save.plans import CompactRows
+    from ckptstore.save.prepare import SaveJob
+
+    sid = "9f1c2a7b"
+    rows = CompactRows.of(compact_keys(cplan.layout, opts))
+    crc = 0x9E3779B1
+    reports = []
+    tree = {"t": "dict", "k": [t[0] for t in tensors], "v": [{"t": "tensor", "key": t[0]} for t in tensors]}
+    sampled = set(_samples(world))
+    worst_t = worst_b = 0.0
+    report_bytes = 0
+    for r in range(world):
+        fps = rank_plan(cplan, r, sid)
+        written = []
+        for fp in fps:
+            pos = 8 + sum(len(it.key) + 70 for it in fp.items) + 16
+            pos += -pos % 8
+            ps = []
+            for it in fp.items:
+                crc = (crc * 1103515245 + 12345) & 0xFFFFFFFF
+                if it.whole:
+                    ps.append((it.key, Piece(fp.name, pos, pos + it.nbytes, crc)))
+                else:
+                    ps.append((it.key, Piece(fp.name, pos, pos + it.nbytes, crc, it.offsets, it.shape)))
+                pos += it.nbytes
+            written.append(WrittenFile(fp.name, pos, tuple(ps)))
+        t0 = time.perf_counter()
+        w, parts = rows.parts_files(fps, written)
+        dt = time.perf_counter() - t0
+        rep = (w, tree if r == 0 else {"t": "dict", "k": [], "v": []}, (), parts)
+        nb = len(pickle.dumps(rep, protocol=pickle.HIGHEST_PROTOCOL))
+        report_bytes += nb
+        if r in sampled:
+            worst_t, worst_b = max(worst_t, dt), max(worst_b, nb)
+        reports.append(rep)
+    res["report_s"], res["report_bytes"], res["reports_total_bytes"] = worst_t, worst_b, report_bytes
+    job = SaveJob.new(1000, epoch=None, metrics={}, metadata={})
+    job.tree = tree
+    attempt = protocol.Attempt(False, 0, sid, None, True)
+    spec_of = {t.key: t for t in cplan.layout.tensors}
+    _reset_peak()
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    m = protocol.build_manifest(job, spec_of, reports, attempt, world, rows)
+    res["build_s"] = time.perf_counter() - t0
+    res["build_rss_delta_mb"] = (_status("VmHWM") - base) / 2**20
+    return m
+
+
 def run_case(case: str, impl: str, max_gather: int, manifest: bool, out_dir: str) -> dict:
     mode, model, layers_s, world_s = case.split(":")
     layers, world = int(layers_s), int(world_s)
@@ -230,12 +287,18 @@ def run_case(case: str, impl: str, max_gather: int, manifest: bool, out_dir: str
     if manifest:
         _reset_peak()
         t0 = time.perf_counter()
-        m = _build_manifest(source, world, tensors, impl == "new")
-        res["build_s"] = time.perf_counter() - t0
+        if impl == "new":
+            m = _build_manifest_lines(source, world, tensors, opts, res)
+        else:
+            m = _build_manifest(source, world, tensors, False)
+            res["build_s"] = time.perf_counter() - t0
         res["pieces"] = sum(len(e.pieces) for e in m.tensors.values())
+        _reset_peak()
+        base = _status("VmRSS")
         t0 = time.perf_counter()
         data = m.to_bytes()
         res["encode_s"] = time.perf_counter() - t0
+        res["encode_rss_delta_mb"] = (_status("VmHWM") - base) / 2**20
         res["build_rss_mb"] = _status("VmHWM") / 2**20
         res["manifest_bytes"] = len(data)
         del m
@@ -368,12 +431,13 @@ def render(results: list[dict]) -> str:
         "",
         "| case | impl | plan rank 0 (s) | rank-0 plan RSS (MB, +rise) | gathered plan_writes (s) "
         "| plan per rank (s / KB) | broadcast plan (MB) | pieces | manifest (MB) | encode (s) | parse (s) "
-        "| parse RSS (MB, x size) | restore lookup / rank (s, pieces) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| parse RSS (MB, x size) | restore lookup / rank (s, pieces) | report / rank (s / KB) "
+        "| reports to rank 0 (MB) | rank-0 build (s, +MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['impl']} | error: {r['error']} |" + " |" * 11)
+            lines.append(f"| {r['case']} | {r['impl']} | error: {r['error']} |" + " |" * 14)
             continue
         plan = r.get("plan_s")
         rss = f"{r['plan_rss_mb']:.0f} (+{r['plan_rss_delta_mb']:.0f})" if "plan_rss_mb" in r else "-"
@@ -381,11 +445,14 @@ def render(results: list[dict]) -> str:
         mb = r.get("manifest_bytes")
         prss = f"{r['parse_rss_mb']:.0f} ({r['parse_rss_x']:.1f}x)" if "parse_rss_mb" in r else "-"
         rl = f"{r['restore_lookup_s']:.3f}, {r['restore_pieces']}" if "restore_lookup_s" in r else "-"
+        rep = f"{r['report_s']:.4f} / {r['report_bytes'] / 1024:.0f}" if "report_s" in r else "-"
+        build = f"{r['build_s']:.2f}, +{r['build_rss_delta_mb']:.0f}" if "build_rss_delta_mb" in r else "-"
         lines.append(
             f"| {r['case']} | {r['impl']} | {_f(plan, '{:.3f}')} | {rss} | {_f(r.get('gathered_plan_s'))} | {rp} | "
             f"{_f(r['broadcast_plan_bytes'] / 2**20 if 'broadcast_plan_bytes' in r else None, '{:.1f}')} | "
             f"{r.get('pieces', '-')} | {_f(mb / 2**20 if mb else None, '{:.1f}')} | {_f(r.get('encode_s'))} | "
-            f"{_f(r.get('parse_s'))} | {prss} | {rl} |"
+            f"{_f(r.get('parse_s'))} | {prss} | {rl} | {rep} | "
+            f"{_f(r['reports_total_bytes'] / 2**20 if 'reports_total_bytes' in r else None, '{:.1f}')} | {build} |"
         )
     return "\n".join(lines) + "\n"
 

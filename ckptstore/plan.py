@@ -523,6 +523,19 @@ def rank_plan(plan: CompactPlan, rank: int, save_id: str, extra: Sequence[LocalS
     return [FilePlan(shard_file_name(save_id, rank, idx), rank, tuple(f)) for idx, f in enumerate(files)]
 
 
+def compact_keys(layout: SaveLayout, options: IOOptions) -> list[tuple[str, int, int]]:
+    """The tensors :func:`rank_plan` writes as format 2's compact rows, in manifest order: ``(key, chunk rows,
+    parts)`` of every evenly split tensor of two parts or more whose parts are not chunk-split. The same on
+    every rank (a function of the layout and the options)."""
+    out = []
+    cb = options.chunk_bytes
+    for t in layout.tensors:
+        if t.placement == SHARD0 and t.encoding == "raw" and len(t.owners) >= 2:
+            if t.chunk * t.row_bytes <= cb or t.chunk <= 1:
+                out.append((t.key, t.chunk, len(t.owners)))
+    return out
+
+
 def plan_writes(per_rank: Sequence[Sequence[LocalSpec]], *, save_id: str, options: IOOptions) -> WritePlan:
     """Decide which rank writes which bytes into which shard file.
 

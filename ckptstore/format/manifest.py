@@ -1225,7 +1225,12 @@ def _as_split(te: TensorEntry, itemsize: int) -> tuple[int, list[Piece]] | None:
 
 def _compact_layout(m: Manifest) -> tuple[dict[str, int], list[str]]:
     """:func:`_compact_rows`, retried with only the rows of the most parts when the layout would be too sparse
-    for the reader's span budget (many rows with few parts between the rows of many)."""
+    for the reader's span budget (many rows with few parts between the rows of many). Rows that are already a
+    reader's index (parsed, or assembled from the ranks' lines by :mod:`ckptstore.format.compact`) keep their
+    lines as they are, without expanding a part."""
+    kept = _compact_from_index(m)
+    if kept is not None:
+        return kept
     try:
         return _compact_rows(m, 0)
     except _TooSparse as e:
@@ -1233,6 +1238,36 @@ def _compact_layout(m: Manifest) -> tuple[dict[str, int], list[str]]:
             return _compact_rows(m, e.max_parts)
         except _TooSparse:
             return {}, []
+
+
+def _compact_from_index(m: Manifest) -> tuple[dict[str, int], list[str]] | None:
+    """The compact rows and lines of ``m`` when its compact rows are exactly the rows of one :class:`_LayoutIndex`
+    (in order) whose lines still fit ``m.files`` (checked again with the reader's code); else None."""
+    ix = None
+    rows: list[tuple[tuple[int, ...], int, int]] = []
+    compact: dict[str, int] = {}
+    for key, te in m.tensors.items():
+        ps = te.pieces
+        if not isinstance(ps, SplitPieces):
+            continue
+        if ix is None:
+            ix = ps._ix
+        if ps._ix is not ix or ps._row != len(rows) or te.dtype not in STORABLE_DTYPES:
+            return None
+        rows.append((tuple(te.shape), ps.chunk, STORABLE_DTYPES[te.dtype].itemsize))
+        compact[key] = ps.chunk
+    if ix is None or len(rows) != len(ix.np):
+        return None
+    try:
+        _LayoutIndex(rows, ix.entries, m.files, MAX_MANIFEST_BYTES // 5, f"the manifest of step {m.step}")
+    except ManifestError as e:
+        log.debug("compact rows re-laid out: %s", e)
+        return None
+    lines = []
+    for f, p, a, b, s, crcs in ix.entries:
+        b64 = binascii.b2a_base64(crcs, newline=False).decode()
+        lines.append(f'  {_json_str(f)}:[{p},{a},{b},{s},"{b64}"]')
+    return compact, lines
 
 
 class _TooSparse(Exception):

@@ -467,3 +467,52 @@ def merge_trees(trees: Sequence[Any]) -> Any:
         return a
 
     return merge(base, list(trees[1:]))
+
+
+def per_rank_values(tree: Any) -> list[dict[str, Any]]:
+    """The ``v`` of every ``per_rank`` node of a stored tree, in the order :func:`merge_per_rank` visits them:
+    all a rank other than 0 adds to rank 0's tree (its ``PerRank`` values), a few bytes instead of the tree."""
+    out: list[dict[str, Any]] = []
+
+    def walk(n: Any) -> None:
+        if not isinstance(n, dict):
+            return
+        t = n.get("t")
+        if t == "per_rank":
+            out.append(n.get("v") or {})
+        elif t in ("dict", "list", "tuple"):
+            for v in n.get("v") or ():
+                walk(v)
+        elif t == "stateful":
+            walk(n.get("v"))
+
+    walk(tree)
+    return out
+
+
+def merge_per_rank(base: Any, others: Sequence[Sequence[dict[str, Any]]]) -> Any:
+    """``base`` (rank 0's tree) with the other ranks' :func:`per_rank_values` merged into its ``per_rank``
+    nodes, node by node in walk order (what :func:`merge_trees` gives for trees of the same structure)."""
+    if not others:
+        return base
+    i = 0
+
+    def merge(a: Any) -> Any:
+        nonlocal i
+        if not isinstance(a, dict):
+            return a
+        t = a.get("t")
+        if t == "per_rank":
+            merged = dict(a["v"])
+            for o in others:
+                if i < len(o) and isinstance(o[i], dict):
+                    merged.update(o[i])
+            i += 1
+            return {"t": "per_rank", "v": dict(sorted(merged.items(), key=lambda kv: int(kv[0])))}
+        if t in ("dict", "list", "tuple"):
+            return {**a, "v": [merge(v) for v in a["v"]]}
+        if t == "stateful":
+            return {**a, "v": merge(a["v"])}
+        return a
+
+    return merge(base)

@@ -29,9 +29,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..format.compact import PartsFile, parts_file
 from ..format.state import per_rank_keys
+from ..io import WrittenFile
 from ..options import IOOptions
-from ..plan import CompactPlan, FilePlan, LocalSpec, SaveLayout, fingerprint, layout_from_local, plan_layout, rank_plan
+from ..plan import (
+    CompactPlan,
+    FilePlan,
+    LocalSpec,
+    SaveLayout,
+    compact_keys,
+    fingerprint,
+    layout_from_local,
+    plan_layout,
+    rank_plan,
+)
 
 log = logging.getLogger("ckptstore")
 
@@ -62,12 +74,64 @@ def agreed(structures: Sequence[Structure]) -> bool:
     return first.fingerprint is not None and all(s == first for s in structures)
 
 
+@dataclass(frozen=True)
+class CompactRows:
+    """The save's format-2 compact rows (``plan.compact_keys``), alike on every rank."""
+
+    keys: tuple[tuple[str, int, int], ...]
+    """``(key, chunk rows, parts)`` in manifest order."""
+    index: dict[str, int]
+    """Key -> its row among the compact rows."""
+
+    @classmethod
+    def of(cls, keys: Sequence[tuple[str, int, int]]) -> CompactRows:
+        return cls(tuple(keys), {k: i for i, (k, _, _) in enumerate(keys)})
+
+    def parts_files(
+        self, files: Sequence[FilePlan], written: Sequence[WrittenFile]
+    ) -> tuple[list[WrittenFile], list[PartsFile]]:
+        """This rank's written files with the files of compact parts as :class:`PartsFile` lines (their
+        ``WrittenFile`` keeps only name and size), so rank 0 gets ``O(files)`` objects, not a piece per part."""
+        out_w: list[WrittenFile] = []
+        out_p: list[PartsFile] = []
+        for fp, wf in zip(files, written):
+            pf = self._parts_file(fp, wf)
+            if pf is None:
+                out_w.append(wf)
+            else:
+                out_w.append(WrittenFile(wf.name, wf.size, ()))
+                out_p.append(pf)
+        return out_w, out_p
+
+    def _parts_file(self, fp: FilePlan, wf: WrittenFile) -> PartsFile | None:
+        if not fp.items or len(wf.pieces) != len(fp.items):
+            return None
+        rows = []
+        part = -1
+        for it in fp.items:
+            row = self.index.get(it.key)
+            if row is None or it.whole or not it.offsets:
+                return None
+            _, chunk, _ = self.keys[row]
+            p, rem = divmod(it.offsets[0], chunk)
+            if rem or (part >= 0 and p != part):
+                return None
+            part = p
+            rows.append(row)
+        have = set(rows)
+        # The line covers every compact row in its range that has this part: none may be elsewhere.
+        if any(self.keys[j][2] > part and j not in have for j in range(rows[0], rows[-1] + 1)):
+            return None
+        return parts_file(wf.name, wf.size, part, rows, [p for _, p in wf.pieces])
+
+
 class LocalPlans:
     """Derives this rank's layout and plans its files; keeps the last compact plan for the next save."""
 
     def __init__(self) -> None:
         self._key: tuple[str, IOOptions] | None = None
         self._plan: CompactPlan | None = None
+        self._rows: CompactRows | None = None
 
     def derive(self, specs: Sequence[LocalSpec], tree: Any, *, rank: int, world: int) -> LocalLayout | None:
         """This rank's :class:`LocalLayout`, or None when its boxes do not fit a locally derivable layout."""
@@ -88,9 +152,16 @@ class LocalPlans:
         fp = mine.structure.fingerprint
         assert fp is not None
         key = (fp, options)
-        if self._key != key or self._plan is None:
+        if self._key != key or self._plan is None or self._rows is None:
             self._plan = plan_layout(mine.layout, options)
+            self._rows = CompactRows.of(compact_keys(mine.layout, options))
             self._key = key
         else:
             log.debug("save plan reused (structure %s unchanged)", fp)
         return rank_plan(self._plan, rank, save_id, mine.own)
+
+    @property
+    def rows(self) -> CompactRows:
+        """The compact rows of the last plan made by :meth:`files`."""
+        assert self._rows is not None
+        return self._rows

@@ -41,9 +41,10 @@ from .._oserror import typed_os_error
 from .._version import __version__
 from ..catalog import LEASE_REFRESH_SECONDS, Lineage, proc_start
 from ..dist import Comm, rank_errors
-from ..errors import CheckpointError, CheckpointExistsError, DistributedSaveError, StorageError
+from ..errors import CheckpointError, CheckpointExistsError, DistributedSaveError, ManifestError, StorageError
+from ..format.compact import PartsFile, expand, layout_index, split_entries
 from ..format.manifest import Manifest, Piece, TensorEntry, step_dir
-from ..format.state import merge_trees
+from ..format.state import merge_per_rank, merge_trees, per_rank_values
 from ..io import WrittenFile, write_files
 from ..layout import LEASE_PREFIX, manifest_name
 from ..options import IOOptions
@@ -52,7 +53,7 @@ from ..storage import Storage
 from ..tiers import Tiers
 from ..transfer import generation_of, step_files
 from ..types import SaveResult
-from .plans import LocalLayout, LocalPlans, Structure, agreed
+from .plans import CompactRows, LocalLayout, LocalPlans, Structure, agreed
 from .prepare import SaveJob
 
 log = logging.getLogger("ckptstore")
@@ -340,18 +341,26 @@ class SaveProtocol:
         job = run.job
         own = run.mine.own if run.attempt.local and run.mine is not None else ()
 
-        def local() -> tuple[list[WrittenFile], Any, tuple[LocalSpec, ...]]:
+        def local() -> _Report:
             try:
                 if run.lease_error is not None:
                     raise run.lease_error
-                return write_files(self.storage, run.commit.prefix, mine, job.sources, self.io), job.tree, own
+                written = write_files(self.storage, run.commit.prefix, mine, job.sources, self.io)
+                if not run.attempt.local:
+                    return written, job.tree, own, []
+                written, parts = self.plans.rows.parts_files(mine, written)
+                # Rank 0 keeps its own tree; the others add only their PerRank values to it (the same structure:
+                # the fingerprints agreed), not a copy of the whole tree each.
+                tree = job.tree if self.comm.rank == 0 else per_rank_values(job.tree)
+                return written, tree, own, parts
             except Exception as e:
                 if self.comm.is_distributed:
                     log.error("rank %d failed writing step %d: %r", self.comm.rank, job.step, e)
                 raise
 
-        def coordinate(reports: list[tuple[list[WrittenFile], Any, tuple[LocalSpec, ...]]]) -> tuple[int, int]:
-            m = build_manifest(job, self._spec_of(run, reports), reports, run.attempt, self.comm.world_size)
+        def coordinate(reports: list[_Report]) -> tuple[int, int]:
+            rows = self.plans.rows if run.attempt.local else None
+            m = build_manifest(job, self._spec_of(run, reports), reports, run.attempt, self.comm.world_size, rows)
             run.commit.commit(m)
             self.tiers.primary.remember(m)
             self.lineage.saved(job.step, generation_of(m))
@@ -369,7 +378,7 @@ class SaveProtocol:
             raise
 
     @staticmethod
-    def _spec_of(run: _Run, reports: Sequence[tuple[Any, Any, Sequence[LocalSpec]]]) -> dict[str, _Meta]:
+    def _spec_of(run: _Run, reports: Sequence[_Report]) -> dict[str, _Meta]:
         """Rank 0: every tensor's dtype, shape, order, device and encoding, from the layout (and the ranks'
         ``PerRank`` tensors) or from the gathered specs."""
         spec_of: dict[str, _Meta] = {}
@@ -377,8 +386,8 @@ class SaveProtocol:
             assert run.mine is not None
             for t in run.mine.layout.tensors:
                 spec_of[t.key] = t
-            for _, _, own in reports:
-                for sp in own:
+            for r in reports:
+                for sp in r[2]:
                     spec_of.setdefault(sp.key, sp)
             return spec_of
         assert run.all_specs is not None
@@ -422,6 +431,11 @@ def _check_error(e: OSError, what: str) -> BaseException:
     return typed_os_error(e, what)
 
 
+_Report = tuple[list[WrittenFile], Any, tuple[LocalSpec, ...], list[PartsFile]]
+"""What a rank reports after writing: its written files (pieces, except in its files of compact parts), its
+state tree (with per-rank plans, only rank 0's; the others send their ``PerRank`` values), its ``PerRank`` specs
+(per-rank plans) and its files of compact parts as layout lines."""
+
 _Meta = LocalSpec | TensorLayout
 """What the manifest says of a tensor besides its pieces (``order``, ``dtype``, ``global_shape``, ``device``,
 ``encoding``)."""
@@ -430,12 +444,14 @@ _Meta = LocalSpec | TensorLayout
 def build_manifest(
     job: SaveJob,
     spec_of: Mapping[str, _Meta],
-    reports: Sequence[tuple[Sequence[WrittenFile], Any, Any]],
+    reports: Sequence[_Report],
     attempt: Attempt,
     world_size: int,
+    rows: CompactRows | None = None,
 ) -> Manifest:
     """Rank 0: the manifest of a save from every tensor's metadata and every rank's written files (pieces sorted
-    by box)."""
+    by box). With per-rank plans, the compact rows ``rows`` come as the ranks' layout lines: they become the
+    reader's lazy rows after the reader's own check, or explicit pieces when it refuses them."""
     pieces: dict[str, list[Piece]] = {}
     files: dict[str, int] = {}
     for written, *_ in reports:
@@ -443,15 +459,21 @@ def build_manifest(
             files[wf.name] = wf.size
             for key, p in wf.pieces:
                 pieces.setdefault(key, []).append(p)
+    split = _compact_entries(job.step, spec_of, [pf for r in reports for pf in r[3]], files, pieces, rows)
     entries: dict[str, TensorEntry] = {}
     for key in sorted(spec_of, key=lambda k: (spec_of[k].order, k)):
         sp = spec_of[key]
+        if key in split:
+            entries[key] = split[key]
+            continue
         ps = sorted(pieces.get(key, []), key=lambda p: (p.offsets or (), p.file, p.start))
         entries[key] = TensorEntry(sp.dtype, sp.global_shape, tuple(ps), sp.device, sp.encoding)
     parent = None if attempt.parent is None else {"step": attempt.parent[0], "generation": attempt.parent[1]}
     return Manifest(
         step=job.step,
-        tree=merge_trees([r[1] for r in reports]),
+        tree=merge_per_rank(reports[0][1], [r[1] for r in reports[1:]])
+        if attempt.local
+        else merge_trees([r[1] for r in reports]),
         tensors=entries,
         files=files,
         epoch=job.epoch,
@@ -463,6 +485,32 @@ def build_manifest(
         versions={"ckptstore": __version__, "torch": torch.__version__, "python": platform.python_version()},
         extras={"lineage": {"generation": attempt.generation, "parent": parent}},
     )
+
+
+def _compact_entries(
+    step: int,
+    spec_of: Mapping[str, _Meta],
+    parts: Sequence[PartsFile],
+    files: Mapping[str, int],
+    pieces: dict[str, list[Piece]],
+    rows: CompactRows | None,
+) -> dict[str, TensorEntry]:
+    """The compact rows assembled from the ranks' lines (``{}`` without any); when the reader's index refuses
+    them, their explicit pieces go into ``pieces`` instead."""
+    if rows is None or not parts:
+        return {}
+    shapes = [(spec_of[k].global_shape, c, spec_of[k].itemsize) for k, c, _ in rows.keys]
+    parts = sorted(parts, key=lambda f: (f.first, f.part))  # the order the encoder lists files of explicit rows
+    try:
+        ix = layout_index(shapes, parts, files, f"the manifest of step {step}")
+    except ManifestError as e:
+        log.warning("step %d: the ranks' compact rows do not form a layout a reader accepts (%s); writing them "
+                    "explicitly", step, e)  # fmt: skip
+        for row, ps in expand(shapes, parts).items():
+            pieces.setdefault(rows.keys[row][0], []).extend(ps)
+        return {}
+    metas = [(spec_of[k].dtype, spec_of[k].device) for k, _, _ in rows.keys]
+    return {k: e for (k, _, _), e in zip(rows.keys, split_entries(ix, shapes, metas))}
 
 
 def replica_problems(step: int, all_specs: Sequence[Sequence[LocalSpec]]) -> DistributedSaveError | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,18 @@ def _count_planning(calls: list[int]) -> None:
     plans.plan_layout = counted  # type: ignore[assignment]
 
 
+def _count_expanded(calls: list[int]) -> None:
+    import ckptstore.save.protocol as protocol
+
+    orig = protocol.expand
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return orig(*a, **k)
+
+    protocol.expand = counted  # type: ignore[assignment]
+
+
 def _full(v: Any) -> torch.Tensor:
     return (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
 
@@ -61,6 +74,8 @@ def local_plans(rank: int, world: int, root: str, layers: int) -> dict[str, Any]
     planned: list[int] = []
     _record(log)
     _count_planning(planned)
+    expanded: list[int] = []
+    _count_expanded(expanded)
     mgr = CheckpointManager(root)
     extras: list[dict[str, Any]] = [{}, {}, {"more": torch.arange(5.0)}, {"more": torch.arange(5.0), "cols": cols}]
     saves, refs = [], []
@@ -73,7 +88,7 @@ def local_plans(rank: int, world: int, root: str, layers: int) -> dict[str, Any]
         state = {"model": model, "sharded": sharded, "rng": PerRank(torch.full((3 + rank,), step + rank / 10)), **extra}
         n0, p0 = len(log), len(planned)
         mgr.save(step, state)
-        saves.append({"collectives": log[n0:], "planned": len(planned) - p0})
+        saves.append({"collectives": log[n0:], "planned": len(planned) - p0, "expanded": len(expanded)})
         ref = {f"model.{k}": _full(v) for k, v in model.state_dict().items()}
         ref.update({f"sharded.{k}": _full(v) for k, v in sharded.items()})
         ref.update({f"extra.{k}": _full(v) for k, v in extra.items()})
@@ -90,4 +105,10 @@ def local_plans(rank: int, world: int, root: str, layers: int) -> dict[str, Any]
         same = got.keys() == refs[step - 1].keys() and all(torch.equal(got[k], refs[step - 1][k]) for k in got)
         exact.append(same and torch.equal(mine.value, torch.full((3 + rank,), step + rank / 10)))
     mgr.close()
-    return {"saves": saves, "exact": exact}
+    manifest = next((Path(root) / "step-000000000001").glob("manifest*.json")).read_text()
+    return {
+        "saves": saves,
+        "exact": exact,
+        "layout": '"layout":{' in manifest,
+        "chunk_rows": manifest.count('"chunk":'),
+    }

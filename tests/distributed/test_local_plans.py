@@ -49,3 +49,10 @@ def test_an_irregular_sharding_falls_back_to_the_gathered_plan(outs: list[dict])
         last = o["saves"][3]
         assert last["planned"] == 0
         assert any("write plan" in w for w in _whats(last)), _whats(last)
+
+
+def test_compact_rows_come_from_the_ranks_lines(outs: list[dict]) -> None:
+    # Each rank sent its files of Shard(0) parts as layout lines; rank 0 never fell back to explicit pieces.
+    for o in outs:
+        assert [s["expanded"] for s in o["saves"]] == [0, 0, 0, 0]
+        assert o["layout"] and o["chunk_rows"] == LAYERS

@@ -108,3 +108,24 @@ def test_the_compact_plan_is_reused_while_the_structure_holds(monkeypatch: pytes
     bigger = [*specs, whole("extra", (2,), len(specs))]
     plans.files(plans.derive(bigger, None, rank=1, world=4), OPTS, save_id="d", rank=1)
     assert len(calls) == 3  # other options, then another structure: planned again
+
+
+def test_other_ranks_send_only_their_per_rank_values_and_rank0_merges_them() -> None:
+    import torch
+
+    from ckptstore import PerRank
+    from ckptstore.format.state import flatten, merge_per_rank, merge_trees, per_rank_values
+
+    def state(r: int) -> dict:
+        return {
+            "model": {"w": torch.zeros(3), "meta": {"lr": 0.1, "names": ["a", "b"]}},
+            "rng": PerRank(torch.full((2,), float(r))),
+            "loader": [PerRank({"pos": torch.tensor(r)}), 7],
+        }
+
+    trees = [flatten(state(r), rank=r).tree for r in range(4)]
+    sent = [per_rank_values(t) for t in trees[1:]]
+    assert merge_per_rank(trees[0], sent) == merge_trees(trees)
+    assert all(len(v) == 2 for v in sent)  # the two PerRank nodes, nothing of the rest of the tree
+    assert "model" not in repr(sent) and "lr" not in repr(sent)
+    assert merge_per_rank(trees[0], []) == trees[0]
