@@ -349,9 +349,10 @@ class SaveProtocol:
                 if not run.attempt.local:
                     return written, job.tree, own, []
                 written, parts = self.plans.rows.parts_files(mine, written)
-                # Rank 0 keeps its own tree; the others add only their PerRank values to it (the same structure:
-                # the fingerprints agreed), not a copy of the whole tree each.
-                tree = job.tree if self.comm.rank == 0 else per_rank_values(job.tree)
+                # Rank 0 uses its own tree; the others add only their PerRank values to it (the same structure:
+                # the fingerprints agreed). Nothing sends the whole tree: gather_object pads every message to
+                # the largest, so one big report would cost world x its size.
+                tree = None if self.comm.rank == 0 else per_rank_values(job.tree)
                 return written, tree, own, parts
             except Exception as e:
                 if self.comm.is_distributed:
@@ -471,7 +472,7 @@ def build_manifest(
     parent = None if attempt.parent is None else {"step": attempt.parent[0], "generation": attempt.parent[1]}
     return Manifest(
         step=job.step,
-        tree=merge_per_rank(reports[0][1], [r[1] for r in reports[1:]])
+        tree=merge_per_rank(job.tree, [r[1] for r in reports[1:]])
         if attempt.local
         else merge_trees([r[1] for r in reports]),
         tensors=entries,

@@ -67,7 +67,7 @@ def save_both_ways(tmp_path: Path, world: int) -> tuple[bytes, bytes, Manifest, 
         files = plans.files(mine, OPTS, save_id=attempt.save_id, rank=r)
         written = write_files(storage, "step-3", files, sources, OPTS)
         w, parts = plans.rows.parts_files(files, written)
-        lines_reports.append((w, job.tree, (), parts))
+        lines_reports.append((w, None if r == 0 else [], (), parts))  # what a rank sends with per-rank plans
         piece_reports.append((written, job.tree, (), []))
         if r == 0:
             plans0, spec_of = plans, {t.key: t for t in mine.layout.tensors}
@@ -116,7 +116,7 @@ def test_lines_a_reader_would_refuse_fall_back_to_explicit_pieces(tmp_path: Path
         w, parts = plans.rows.parts_files(files, write_files(storage, "step-3", files, sources, OPTS))
         if r == 2:  # a line whose crcs are one short: the reader's index refuses it, the save must not commit it
             parts = [PartsFile(p.name, p.part, p.first, p.end, p.start, p.crcs[:-4]) for p in parts]
-        reports.append((w, job.tree, (), parts))
+        reports.append((w, None if r == 0 else [], (), parts))
         if r == 0:
             rows, spec_of = plans.rows, {t.key: t for t in mine.layout.tensors}
     m = protocol.build_manifest(job, spec_of, reports, attempt, 3, rows)
