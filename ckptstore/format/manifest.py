@@ -1390,19 +1390,58 @@ def _compact_rows(m: Manifest, min_parts: int, check: bool = True) -> tuple[dict
 
 def _group_crcs(f: str, parts: Sequence[Piece], step: int) -> tuple[int, list[int]]:
     """The group size ``k`` of a file's layout line and its checksums: one per group of ``k`` consecutive parts
-    (``parts`` in file order), ``k`` the most parts a group of at most :data:`GROUP_BYTES` may hold given the
-    file's largest part (1: one checksum per part). Parts read from a grouped layout (their ``span`` set) keep
-    their groups and checksums, so a parsed manifest writes back the bytes it was read from."""
-    n = len(parts)
+    (``parts`` in file order; 1: one checksum per part). Every group holds at most :data:`GROUP_BYTES`: ``k``
+    starts at ``GROUP_BYTES // largest part`` and grows (doubling, then a few bisection steps) while every group
+    still fits, as most parts are much smaller than a file's largest. Parts read from a grouped layout (their
+    ``span`` set) keep their groups and checksums, so a parsed manifest writes back the bytes it was read from."""
     if any(map(_SPAN, parts)):
         return _regroup(f, parts, step)
     lens = [p[2] - p[1] for p in parts]
-    largest = max(lens)
-    k = min(n, MAX_GROUP_PARTS, GROUP_BYTES // largest if largest else MAX_GROUP_PARTS)
+    k = _group_size(lens)
     crcs = list(map(_CRC, parts))
     if k < 2:
         return 1, crcs
     return k, crc32c_groups(crcs, lens, k)
+
+
+def _group_size(lens: list[int]) -> int:
+    """The largest ``k`` found (``O(n)`` in all) such that every group of ``k`` consecutive ``lens`` (the last
+    group may be shorter) sums to at most :data:`GROUP_BYTES`; at most ``MAX_GROUP_PARTS`` and ``n``."""
+    n = len(lens)
+    cap = min(n, MAX_GROUP_PARTS)
+    largest = max(lens)
+    if cap < 2 or largest > GROUP_BYTES:
+        return 1
+    good = min(cap, max(1, GROUP_BYTES // largest)) if largest else cap
+    if good == cap:
+        return good
+    pre = [0, *itertools.accumulate(lens)]
+
+    def fits(k: int) -> bool:
+        ends = pre[k::k]
+        if n % k:
+            ends.append(pre[n])
+        return max(map(operator.sub, ends, pre[0:n:k])) <= GROUP_BYTES
+
+    bad = cap + 1
+    k = 2 * good
+    while k <= cap:
+        if not fits(k):
+            bad = k
+            break
+        good, k = k, 2 * k
+    else:
+        if good < cap and fits(cap):
+            return cap
+    for _ in range(4):
+        mid = (good + bad) // 2
+        if mid <= good:
+            break
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
 
 
 def _regroup(f: str, parts: Sequence[Piece], step: int) -> tuple[int, list[int]]:

@@ -6,6 +6,7 @@ checked once, and a damaged byte anywhere in a group failing the read of any par
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -29,16 +30,17 @@ from tests.faults.forge import resign, sign
 GOLDEN = Path(__file__).parent / "golden"
 F0, F0B = "shard-00000000-r0-0.safetensors", "shard-00000000-r0-1.safetensors"
 F1, F2 = "shard-00000000-r1-0.safetensors", "shard-00000000-r0-2.safetensors"
-A, BIG = 98304 * 4, 196608 * 4  # part bytes of rows "a" (384 KiB) and "big" (768 KiB)
+A, BIG = 153600 * 4, 196608 * 4  # part bytes of row "a" (600 KiB) and of rows "big" and "d" (768 KiB)
 
 
 def golden_groups() -> Manifest:
-    """Two ranks. F0 holds part 0 of rows a, b, c (384 KiB + 16 + 16 B: groups of k=2, the last one a single
-    part), F0B part 0 of "big" (one part: no group), F1 part 1 of all four (768 KiB is over half of GROUP_BYTES:
-    k=1, the 5-element line), F2 the scalar "s" (an explicit row)."""
-    keys = ["a", "b", "c", "big", "s"]
+    """Two ranks. F0 holds part 0 of row a (one part: the 5-element line); F0B part 0 of rows big, b, c, d (768
+    KiB, 16 B, 16 B, 768 KiB: groups of k=3 fit in GROUP_BYTES, the last group is d alone and carries its own
+    crc32c); F1 part 1 of all five (600 KiB next to 768 KiB: no group of two fits, k=1, the 5-element line); F2
+    the scalar "s" (an explicit row)."""
+    keys = ["a", "big", "b", "c", "d", "s"]
 
-    def parts(cols: int, crc0: int, crc1: int, at0: int, at1: int, f0: str = F0) -> tuple[Piece, ...]:
+    def parts(cols: int, crc0: int, crc1: int, at0: int, at1: int, f0: str = F0B) -> tuple[Piece, ...]:
         n = cols * 4
         return (
             Piece(f0, at0, at0 + n, crc0, (0, 0), (1, cols)),
@@ -49,13 +51,14 @@ def golden_groups() -> Manifest:
         step=9,
         tree={"t": "dict", "k": keys, "v": [{"t": "tensor", "key": k} for k in keys]},
         tensors={
-            "a": TensorEntry("float32", (2, 98304), parts(98304, 0x0A0A0A0A, 0x1A1A1A1A, 80, 80)),
-            "b": TensorEntry("float32", (2, 4), parts(4, 0x0B0B0B0B, 0x1B1B1B1B, 80 + A, 80 + A)),
-            "c": TensorEntry("float32", (2, 4), parts(4, 0x0C0C0C0C, 0x1C1C1C1C, 96 + A, 96 + A)),
-            "big": TensorEntry("float32", (2, 196608), parts(196608, 0x0D0D0D0D, 0x1D1D1D1D, 80, 112 + A, F0B)),
+            "a": TensorEntry("float32", (2, 153600), parts(153600, 0x0A0A0A0A, 0x1A1A1A1A, 80, 80, F0)),
+            "big": TensorEntry("float32", (2, 196608), parts(196608, 0x0D0D0D0D, 0x1D1D1D1D, 80, 80 + A)),
+            "b": TensorEntry("float32", (2, 4), parts(4, 0x0B0B0B0B, 0x1B1B1B1B, 80 + BIG, 80 + A + BIG)),
+            "c": TensorEntry("float32", (2, 4), parts(4, 0x0C0C0C0C, 0x1C1C1C1C, 96 + BIG, 96 + A + BIG)),
+            "d": TensorEntry("float32", (2, 196608), parts(196608, 0x0E0E0E0E, 0x1E1E1E1E, 112 + BIG, 112 + A + BIG)),
             "s": TensorEntry("float32", (), (Piece(F2, 80, 84, 0x55555555),)),
         },
-        files={F0: 112 + A, F0B: 80 + BIG, F1: 112 + A + BIG, F2: 84},
+        files={F0: 80 + A, F0B: 112 + 2 * BIG, F1: 112 + A + 2 * BIG, F2: 84},
         created_at=1700000000.0,
         world_size=2,
         save_id="00000000",
@@ -108,19 +111,23 @@ def test_golden_bytes_with_groups() -> None:
     raw = golden_groups().to_bytes()
     assert raw == (GOLDEN / "manifest_v2_groups.json").read_bytes()
     doc = json.loads(raw)
-    g0 = crc32c_combine(0x0A0A0A0A, 0x0B0B0B0B, 16)
-    b64 = __import__("base64").b64encode
+    g0 = crc32c_combine(crc32c_combine(0x0D0D0D0D, 0x0B0B0B0B, 16), 0x0C0C0C0C, 16)
+
+    def b64(hexs: str) -> str:
+        return base64.b64encode(bytes.fromhex(hexs)).decode()
+
     assert doc["layout"] == {
-        F0: [0, 0, 3, 80, b64(g0.to_bytes(4, "big") + bytes.fromhex("0c0c0c0c")).decode(), 2],
-        F0B: [0, 3, 4, 80, b64(bytes.fromhex("0d0d0d0d")).decode()],
-        F1: [1, 0, 4, 80, b64(bytes.fromhex("1a1a1a1a1b1b1b1b1c1c1c1c1d1d1d1d")).decode()],
+        F0: [0, 0, 1, 80, b64("0a0a0a0a")],
+        F0B: [0, 1, 5, 80, b64(f"{g0:08x}0e0e0e0e"), 3],
+        F1: [1, 0, 5, 80, b64("1a1a1a1a1d1d1d1d1b1b1b1b1c1c1c1c1e1e1e1e")],
     }
     m = Manifest.from_bytes(raw)
-    a0, b0 = m.tensors["a"].pieces[0], m.tensors["b"].pieces[0]
-    assert a0.span == b0.span == (80, 96 + A) and a0.crc32c == b0.crc32c == g0
-    c0 = m.tensors["c"].pieces[0]
-    assert c0.span is None and c0.crc32c == 0x0C0C0C0C  # the last group holds one part: its own crc
-    assert all(p.span is None for k in "abc" for p in m.tensors[k].pieces[1:])  # F1: k=1
+    group = [m.tensors[k].pieces[0] for k in ("big", "b", "c")]
+    assert all(p.span == (80, 112 + BIG) and p.crc32c == g0 for p in group)
+    d0 = m.tensors["d"].pieces[0]
+    assert d0.span is None and d0.crc32c == 0x0E0E0E0E  # the last group holds one part: its own crc
+    assert m.tensors["a"].pieces[0].span is None  # F0: k=1
+    assert all(p.span is None for k in "a big b c d".split() for p in m.tensors[k].pieces[1:])  # F1: k=1
     assert_same_parts(m, golden_groups())
     assert m.to_bytes() == raw  # a parsed manifest writes back the bytes it was read from
     for lines in (True, False):  # every JSON spelling reads the same
@@ -158,17 +165,17 @@ def _raw_groups() -> bytes:
 @pytest.mark.parametrize(
     "old, new, err",
     [
-        ('",2]', '",0]', "group size k=0"),
-        ('",2]', '",1]', "group size k=1"),
-        ('",2]', f'",{mf.MAX_GROUP_PARTS + 1}]', "group size"),
-        ('",2]', '",99999999999999999999]', "is not"),  # 20 digits: no integer of the format
-        ('",2]', '",3]', "checksums for 3 parts in groups of 3"),
-        ('",2]', '",4]', "groups its checksums by k=4 parts, but the file holds 3"),
-        ('",2]', '"]', "more than 7 parts"),  # the 5-element spelling: a crc per part, 2 for 3 parts
-        ('",2]', '",2,2]', "is not"),
-        ('",2]', '",02]', "is not"),
-        ('",2]', '",-2]', "is not"),
-        ('DQ0NDQ=="]', 'DQ0NDQ==",2]', "groups its checksums by k=2 parts, but the file holds 1"),
+        ('",3]', '",0]', "group size k=0"),
+        ('",3]', '",1]', "group size k=1"),
+        ('",3]', f'",{mf.MAX_GROUP_PARTS + 1}]', "group size"),
+        ('",3]', '",99999999999999999999]', "is not"),  # 20 digits: no integer of the format
+        ('",3]', '",4]', "2 checksums for 4 parts in groups of 4"),
+        ('",3]', '",5]', "groups its checksums by k=5 parts, but the file holds 4"),
+        ('",3]', '"]', "more than 8 parts"),  # the 5-element spelling: a crc per part, 2 for 4 parts
+        ('",3]', '",3,3]', "is not"),
+        ('",3]', '",03]', "is not"),
+        ('",3]', '",-3]', "is not"),
+        ('CgoKCg=="]', 'CgoKCg==",2]', "groups its checksums by k=2 parts, but the file holds 1"),
     ],
 )
 def test_hostile_group_sizes_in_layout_lines(old: str, new: str, err: str) -> None:
@@ -181,16 +188,16 @@ def test_hostile_group_sizes_in_layout_lines(old: str, new: str, err: str) -> No
 @pytest.mark.parametrize(
     "mutate, err",
     [
-        (lambda lay: lay[F0].__setitem__(5, "2"), "group size"),
-        (lambda lay: lay[F0].__setitem__(5, 2.0), "group size"),
-        (lambda lay: lay[F0].__setitem__(5, True), "group size"),
-        (lambda lay: lay[F0].__setitem__(5, -1), "group size"),
-        (lambda lay: lay[F0].__setitem__(5, 10**30), "group size"),
-        (lambda lay: lay[F0].__setitem__(5, None), "group size"),
-        (lambda lay: lay[F0].__setitem__(5, 3), "checksums"),
-        (lambda lay: lay[F0].append(2), "must be"),
-        (lambda lay: lay[F1].append(2), "4 checksums for 4 parts in groups of 2"),
-        (lambda lay: lay[F1].append(4), "4 checksums for 4 parts in groups of 4"),
+        (lambda lay: lay[F0B].__setitem__(5, "2"), "group size"),
+        (lambda lay: lay[F0B].__setitem__(5, 2.0), "group size"),
+        (lambda lay: lay[F0B].__setitem__(5, True), "group size"),
+        (lambda lay: lay[F0B].__setitem__(5, -1), "group size"),
+        (lambda lay: lay[F0B].__setitem__(5, 10**30), "group size"),
+        (lambda lay: lay[F0B].__setitem__(5, None), "group size"),
+        (lambda lay: lay[F0B].__setitem__(5, 4), "checksums"),
+        (lambda lay: lay[F0B].append(2), "must be"),
+        (lambda lay: lay[F1].append(2), "5 checksums for 5 parts in groups of 2"),
+        (lambda lay: lay[F1].append(5), "5 checksums for 5 parts in groups of 5"),
     ],
 )
 @pytest.mark.parametrize("lines", [True, False], ids=["line-layout", "one-line"])
@@ -207,15 +214,13 @@ def test_group_checksums_are_never_written_where_they_would_mean_something_else(
     with pytest.raises(ManifestError, match="checksum of a group of parts"):
         m.to_bytes()
     m = Manifest.from_bytes(_raw_groups())
-    a = m.tensors["a"]
-    moved = TensorEntry(a.dtype, a.shape, tuple(a.pieces), a.device)  # explicit pieces, group crcs
-    m.tensors = {**m.tensors, "a": moved, "b": TensorEntry("float32", (2, 4), tuple(m.tensors["b"].pieces))}
-    raw = m.to_bytes()  # the same parts: written back as the same groups
-    assert raw == _raw_groups()
-    # The groups split differently (a part of the group dropped from the file's run): refused, never re-checksummed.
+    # Tuples of the parsed pieces (group crcs and spans) instead of SplitPieces: written back as the same groups.
+    m.tensors = {k: TensorEntry(e.dtype, e.shape, tuple(e.pieces), e.device) for k, e in m.tensors.items()}
+    assert m.to_bytes() == _raw_groups()
+    # Spans that are not groups of k consecutive parts of the file: refused, never re-checksummed.
     b0, *b_rest = m.tensors["b"].pieces
     m.tensors["b"] = TensorEntry("float32", (2, 4), (b0._replace(span=(80, 90)), *b_rest))
-    with pytest.raises(ManifestError):
+    with pytest.raises(ManifestError, match="not groups of k consecutive parts"):
         m.to_bytes()
 
 
