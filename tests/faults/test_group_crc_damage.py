@@ -63,3 +63,23 @@ def test_a_damaged_neighbour_part_fails_its_group_and_restore_falls_back(tmp_pat
     assert not res.ok and any("checksum group" in p.message and p.file == q.file for p in res.problems), res.problems
     assert verify_step(st, 1).ok
     mgr.close()
+
+
+def test_hf_export_streams_grouped_parts_and_refuses_a_damaged_group(tmp_path: Path) -> None:
+    # "emb" (800 KB) is larger than the 64 KiB read batch: streamed part by part, each part's group read around it.
+    from safetensors.torch import load_file
+
+    from ckptstore.hf import export_hf
+
+    st = LocalStorage(str(tmp_path / "ck"))
+    full = _full_state(4)
+    m = _save_simulated(st, 1, full)
+    only_emb = {"key_map": lambda k: k if k == "emb" else None, "select": None, "read_batch_bytes": 64 << 10}
+    export_hf(str(tmp_path / "ck"), 1, tmp_path / "hf", **only_emb)
+    assert torch.equal(load_file(str(tmp_path / "hf" / "model.safetensors"))["emb"], full["emb"])
+    got = Manifest.from_bytes((tmp_path / "ck" / "step-000000000001" / "manifest.json").read_bytes())
+    assert all(p.span is not None for p in got.tensors["emb"].pieces)
+    flip_in_neighbour(tmp_path / "ck", got, "layers.3.w")  # another tensor's part in a group of emb's
+    with pytest.raises(IntegrityError, match="checked as the group of parts"):
+        export_hf(str(tmp_path / "ck"), 1, tmp_path / "hf2", **only_emb)
+    assert not (tmp_path / "hf2").exists() and m.step == 1
