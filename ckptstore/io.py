@@ -7,6 +7,9 @@ the stored piece is a contiguous region of it, which is the common case (same sh
 Checksums cost no extra pass over main memory: a big tensor is checksummed and written slice by slice (2 MiB),
 and on local storage reads go slice by slice too, each slice checksummed right after it landed, while it is
 still in the CPU cache. Pieces split into parallel ranges get their crc32c by combining the ranges' values.
+A piece whose crc32c covers a group of neighbouring parts (``Piece.span``, format 2 layout lines with a group
+size) is verified by reading its whole group, once for all the pieces of that group a call reads; a damaged byte
+anywhere in the group fails every piece of it.
 """
 
 from __future__ import annotations
