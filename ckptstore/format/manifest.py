@@ -355,7 +355,10 @@ class Manifest:
             "world_size": self.world_size,
             "save_id": self.save_id,
             "versions": self.versions,
-            "nbytes": self.nbytes,
+            "nbytes": sum(  # a compact row holds exactly its elements' bytes (checked by _as_split)
+                math.prod(te.shape) * STORABLE_DTYPES[te.dtype].itemsize if tk in compact else te.nbytes
+                for tk, te in self.tensors.items()
+            ),
             "files": dict(self.files),
             "tensors": None,  # written row by row below
             "layout": None,  # format 2: where the parts of compact rows are, one file per line
@@ -1238,6 +1241,9 @@ class _Reader:
 
 _OFFSETS = operator.itemgetter(4)
 _CRC = operator.itemgetter(3)
+_START = operator.itemgetter(1)
+_END = operator.itemgetter(2)
+_ITEM_PIECE = operator.itemgetter(3)
 _SPAN = operator.itemgetter(6)
 
 
@@ -1246,7 +1252,7 @@ def _as_split(te: TensorEntry, itemsize: int) -> tuple[int, list[Piece]] | None:
     shape, pieces = te.shape, te.pieces
     if te.encoding != "raw" or not shape or len(pieces) < 2 or not shape[0]:
         return None
-    if any(p.offsets is None for p in pieces):
+    if None in map(_OFFSETS, pieces):
         return None
     ps = sorted(pieces, key=_OFFSETS)
     d0, rest = shape[0], shape[1:]
@@ -1349,7 +1355,7 @@ def _compact_rows(m: Manifest, min_parts: int, check: bool = True) -> tuple[dict
                 continue
             part = items[0][2]
             for (_, r0, _, _), (_, r1, _, _) in itertools.pairwise(items):  # type: ignore[misc]
-                if any(nparts[k] > part for k in range(r0 + 1, r1)):
+                if r1 - r0 > 1 and any(nparts[k] > part for k in range(r0 + 1, r1)):
                     blocked.add(f)
                     todo.append(f)
                     break
@@ -1366,7 +1372,7 @@ def _compact_rows(m: Manifest, min_parts: int, check: bool = True) -> tuple[dict
     for f, items in by_file.items():
         if f in blocked:
             continue
-        k, group_crcs = _group_crcs(f, [pc for _, _, _, pc in items], m.step)  # type: ignore[misc]
+        k, group_crcs = _group_crcs(f, list(map(_ITEM_PIECE, items)), m.step)
         crcs = struct.pack(f">{len(group_crcs)}I", *group_crcs)
         a, b = cidx[items[0][1]], cidx[items[-1][1]] + 1  # type: ignore[misc]
         b64 = binascii.b2a_base64(crcs, newline=False).decode()
@@ -1396,7 +1402,7 @@ def _group_crcs(f: str, parts: Sequence[Piece], step: int) -> tuple[int, list[in
     ``span`` set) keep their groups and checksums, so a parsed manifest writes back the bytes it was read from."""
     if any(map(_SPAN, parts)):
         return _regroup(f, parts, step)
-    lens = [p[2] - p[1] for p in parts]
+    lens = list(map(operator.sub, map(_END, parts), map(_START, parts)))
     k = _group_size(lens)
     crcs = list(map(_CRC, parts))
     if k < 2:
