@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ckptstore.format.manifest as mf
-from ckptstore.errors import ManifestError
+from ckptstore.errors import IntegrityError, ManifestError
 from ckptstore.format.crc import crc32c_combine, crc32c_groups
 from ckptstore.format.manifest import Manifest, Piece, SplitPieces, TensorEntry
 from ckptstore.io import Source, plan_fill, read_pieces, write_files
@@ -371,3 +371,66 @@ def test_real_files_restore_bit_exact_each_group_read_once(tmp_path: Path) -> No
     read_pieces(st, "step-000000000001", tasks + plan_fill("layers.2.w", got.tensors["layers.2.w"], d2, offs),
                 IOOptions(verify=True), step=1)  # fmt: skip
     assert sum(n for _, _, n in st.reads) == p.span[1] - p.span[0] and torch.equal(d2, dest)
+
+
+class RemoteLikeStorage(CountingStorage):
+    """Local files read as a remote backend is: no slice-wise reads (one request per coalesced run)."""
+
+    small_reads_cheap = False
+
+
+def _flip(root: Path, step: int, p: Piece) -> None:
+    path = root / f"step-{step:012d}" / p.file
+    data = bytearray(path.read_bytes())
+    data[p.start] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _all_tasks(m: Manifest, full: dict[str, torch.Tensor]) -> tuple[list, dict[str, torch.Tensor]]:
+    dests = {k: torch.empty_like(t) for k, t in full.items()}
+    tasks = [t for k in full for t in plan_fill(k, m.tensors[k], dests[k])]
+    return tasks, dests
+
+
+def test_remote_reads_coalesce_groups_and_check_each(tmp_path: Path) -> None:
+    st = RemoteLikeStorage(str(tmp_path))
+    full = _full_state(5)
+    _save_simulated(st, 1, full)
+    m = Manifest.from_bytes((tmp_path / "step-000000000001" / "manifest.json").read_bytes())
+    tasks, dests = _all_tasks(m, full)
+    st.reads.clear()
+    read_pieces(st, "step-000000000001", tasks, IOOptions(verify=True), step=1)
+    assert all(torch.equal(dests[k].view(torch.uint8), full[k].view(torch.uint8)) for k in full if full[k].dim())
+    grouped_files = {f for f, _, _ in _groups_of(m)}
+    # One request per file holding groups (its groups are neighbours, together under read_chunk_bytes).
+    assert sorted(f for f, _, _ in st.reads if f in grouped_files) == sorted(grouped_files)
+    q = next(p for p in m.tensors["norm"].pieces if p.span is not None)
+    _flip(tmp_path, 1, next(p for p in m.tensors["emb"].pieces if p.file == q.file))  # emb's part in norm's file
+    tasks, _ = _all_tasks(m, full)
+    with pytest.raises(IntegrityError, match="group of parts"):
+        read_pieces(st, "step-000000000001", tasks, IOOptions(verify=True), step=1)
+
+
+def test_a_group_larger_than_a_read_request_is_read_range_by_range(tmp_path: Path, monkeypatch) -> None:
+    # Groups of up to 64 MiB (a writer with another GROUP_BYTES, or a hostile one): still read and checked, in
+    # read_chunk_bytes ranges into the destinations and one reused scratch buffer.
+    monkeypatch.setattr(mf, "GROUP_BYTES", 64 << 20)
+    st = CountingStorage(str(tmp_path))
+    full = _full_state(6)
+    full["emb"] = torch.randn((4 * 800, 512))  # 1.6 MB parts: every rank's group is over 1 MiB
+    _save_simulated(st, 1, full)
+    m = Manifest.from_bytes((tmp_path / "step-000000000001" / "manifest.json").read_bytes())
+    spans = _groups_of(m)
+    assert spans and all(s1 - s0 > 1 << 20 for _, s0, s1 in spans)
+    tasks, dests = _all_tasks(m, full)
+    st.reads.clear()
+    read_pieces(st, "step-000000000001", tasks, IOOptions(verify=True, read_chunk_bytes=1 << 20), step=1)
+    assert all(torch.equal(dests[k].view(torch.uint8), full[k].view(torch.uint8)) for k in full if full[k].dim())
+    assert max(n for _, _, n in st.reads) <= 1 << 20
+    # One part alone: its group read around it (into scratch), the damage in a neighbour found.
+    q = m.tensors["layers.1.w"].pieces[2]
+    _flip(tmp_path, 1, next(p for p in m.tensors["emb"].pieces if p.file == q.file))
+    dest = torch.empty(q.shape)
+    with pytest.raises(IntegrityError, match="group of parts"):
+        read_pieces(st, "step-000000000001", plan_fill("layers.1.w", m.tensors["layers.1.w"], dest, q.offsets),
+                    IOOptions(read_chunk_bytes=1 << 20), step=1)  # fmt: skip
