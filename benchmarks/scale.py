@@ -27,7 +27,9 @@ and reports, for ``--impl new``:
   (``manifest.pieces_in_box``), and ``restore_pieces``: how many it got.
 
 ``--impl old`` runs the same gathered input through the old tree's ``plan_writes`` and manifest encoder/decoder
-(``--old-tree``: ``git archive`` of main). Results go to ``benchmarks/results/<name>.md`` and ``.json``.
+(``--old-tree``: ``git archive`` of main). Results go to ``benchmarks/results/<name>.md`` and ``.json``
+(``--merge``: only the rows of the cases run are replaced, e.g.
+``--cases fsdp2:70b:80:8192 --impl new --merge``).
 """
 
 from __future__ import annotations
@@ -287,6 +289,10 @@ def run_case(case: str, impl: str, max_gather: int, manifest: bool, out_dir: str
         else:
             del plan
     if manifest:
+        import ckptstore.format.manifest as mf
+
+        if hasattr(mf, "GROUP_BYTES"):
+            res["group_bytes"] = mf.GROUP_BYTES  # layout lines checksum groups of parts (format 2 ``k``)
         _reset_peak()
         t0 = time.perf_counter()
         if impl == "new":
@@ -363,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", default="scale")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", default="/tmp/ckptstore-scale")
+    ap.add_argument("--merge", action="store_true", help="replace only these cases' rows in the existing results")
     a = ap.parse_args(argv)
     if a.child:
         impl, case = a.child.split("@")
@@ -412,6 +419,11 @@ def main(argv: list[str] | None = None) -> None:
         results.append(res)
         print(json.dumps(res), flush=True)
     out = REPO / "benchmarks" / "results"
+    if a.merge and (out / f"{a.name}.json").is_file():
+        new = {(r["case"], r["impl"]): r for r in results}
+        old = json.loads((out / f"{a.name}.json").read_text())
+        kept = [new.pop((r["case"], r["impl"]), r) for r in old]
+        results = kept + list(new.values())
     (out / f"{a.name}.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / f"{a.name}.md").write_text(render(results))
     print(render(results))
@@ -429,7 +441,8 @@ def render(results: list[dict]) -> str:
         "2-core machine. `new`: rank 0 derives the compact layout from its own boxes and plans on it; `gathered`: the",
         "current protocol's input (every rank's boxes) through `plan_writes`. `old`: main before issue #16.",
         "Manifest: what the manager would commit for that plan; parse in a fresh process (RSS rise over the bytes",
-        "read).",
+        "read). `manifest (MB)` marked `*`: layout lines checksum groups of consecutive parts (format 2 `k`, groups",
+        "of at most `GROUP_BYTES`); unmarked: measured before that, one crc32c per part.",
         "",
         "| case | impl | plan rank 0 (s) | rank-0 plan RSS (MB, +rise) | gathered plan_writes (s) "
         "| plan per rank (s / KB) | broadcast plan (MB) | pieces | manifest (MB) | encode (s) | parse (s) "
@@ -449,10 +462,11 @@ def render(results: list[dict]) -> str:
         rl = f"{r['restore_lookup_s']:.3f}, {r['restore_pieces']}" if "restore_lookup_s" in r else "-"
         rep = f"{r['report_s']:.4f} / {r['report_bytes'] / 1024:.0f}" if "report_s" in r else "-"
         build = f"{r['build_s']:.2f}, +{r['build_rss_delta_mb']:.0f}" if "build_rss_delta_mb" in r else "-"
+        star = "*" if r.get("group_bytes") else ""
         lines.append(
             f"| {r['case']} | {r['impl']} | {_f(plan, '{:.3f}')} | {rss} | {_f(r.get('gathered_plan_s'))} | {rp} | "
             f"{_f(r['broadcast_plan_bytes'] / 2**20 if 'broadcast_plan_bytes' in r else None, '{:.1f}')} | "
-            f"{r.get('pieces', '-')} | {_f(mb / 2**20 if mb else None, '{:.1f}')} | {_f(r.get('encode_s'))} | "
+            f"{r.get('pieces', '-')} | {_f(mb / 2**20 if mb else None, '{:.1f}')}{star} | {_f(r.get('encode_s'))} | "
             f"{_f(r.get('parse_s'))} | {prss} | {rl} | {rep} | "
             f"{_f(r['reports_padded_bytes'] / 2**20 if 'reports_padded_bytes' in r else None, '{:.1f}')} | {build} |"
         )

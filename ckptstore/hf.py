@@ -675,32 +675,49 @@ def _stream_tensor(storage: Any, prefix: str, step: int, t: ExportTensor, f: Any
     cap = max(src.itemsize, arena.buf.numel() // src.itemsize * src.itemsize)
     if arena.buf.numel() < cap:  # an arena smaller than one element (a tiny read batch)
         arena.buf = torch.empty(cap, dtype=torch.uint8)
+
+    def read(p: Any, offset: int, view: memoryview) -> None:
+        try:
+            storage.read_into(f"{prefix}/{p.file}", offset, [view])
+        except EOFError as err:
+            raise IntegrityError(
+                f"step {step}: file {p.file} is shorter than the manifest says ({err}); key {t.key!r}",
+                step=step, file=p.file, key=t.key,
+            ) from None  # fmt: skip
+        except FileNotFoundError:
+            raise IntegrityError(f"step {step}: data file {p.file} is missing", step=step, file=p.file) from None
+
+    def crc_of(p: Any, a: int, b: int, crc: int) -> int:
+        """Continue ``crc`` over bytes [a, b) of the piece's file (the rest of its checksum group)."""
+        while a < b:
+            n = min(cap, b - a)
+            view = tensor_bytes(arena.buf[:n])
+            read(p, a, view)
+            crc = crc32c(view, crc)
+            a += n
+        return crc
+
     for p in sorted(e.pieces, key=lambda p: p.offsets[0] if p.offsets else 0):
-        crc = 0
+        s0, s1 = p.checked  # a part of a group: the group's bytes around it are read and checked too
+        crc = crc_of(p, s0, p.start, 0)
         pos = 0
         while pos < p.nbytes:
             n = min(cap, p.nbytes - pos)
             chunk = arena.buf[:n]
             view = tensor_bytes(chunk)
-            try:
-                storage.read_into(f"{prefix}/{p.file}", p.start + pos, [view])
-            except EOFError as err:
-                raise IntegrityError(
-                    f"step {step}: file {p.file} is shorter than the manifest says ({err}); key {t.key!r}",
-                    step=step, file=p.file, key=t.key,
-                ) from None  # fmt: skip
-            except FileNotFoundError:
-                raise IntegrityError(f"step {step}: data file {p.file} is missing", step=step, file=p.file) from None
+            read(p, p.start + pos, view)
             crc = crc32c(view, crc)
             if src == t.dtype:
                 f.write(view)
             else:
                 _write_cast(f, chunk.view(src), t.dtype, arena)
             pos += n
+        crc = crc_of(p, p.end, s1, crc)
         if crc != p.crc32c:
             raise IntegrityError(
                 f"checksum mismatch in step {step}, file {p.file}, key {t.key!r} "
-                f"(bytes {p.start}-{p.end}: crc32c {crc:08x}, manifest {p.crc32c:08x})",
+                f"(bytes {p.start}-{p.end}{'' if p.span is None else f', checked as the group of parts {s0}-{s1}'}: "
+                f"crc32c {crc:08x}, manifest {p.crc32c:08x})",
                 step=step, file=p.file, key=t.key,
             )  # fmt: skip
 

@@ -7,6 +7,9 @@ the stored piece is a contiguous region of it, which is the common case (same sh
 Checksums cost no extra pass over main memory: a big tensor is checksummed and written slice by slice (2 MiB),
 and on local storage reads go slice by slice too, each slice checksummed right after it landed, while it is
 still in the CPU cache. Pieces split into parallel ranges get their crc32c by combining the ranges' values.
+A piece whose crc32c covers a group of neighbouring parts (``Piece.span``, format 2 layout lines with a group
+size) is verified by reading its whole group, once for all the pieces of that group a call reads; a damaged byte
+anywhere in the group fails every piece of it.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import crc32c as _crc
 import torch
 
-from .errors import IntegrityError, UnsupportedValueError
+from .errors import IntegrityError, ManifestError, UnsupportedValueError
+from .format.crc import crc32c, crc32c_combine
 from .format.manifest import Piece, TensorEntry, pieces_in_box
 from .format.safetensors import HeaderEntry, build_header, st_dtype_and_shape
 from .options import IOOptions
@@ -35,50 +38,6 @@ log = logging.getLogger("ckptstore")
 _SLICE_BYTES = 2 << 20
 # Small tensors are gathered into one writev of about this size.
 _WRITE_BATCH_BYTES = 8 << 20
-
-_CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
-
-
-def crc32c(buf: memoryview | bytes, value: int = 0) -> int:
-    """crc32c; releases the GIL on large buffers so threads checksum in parallel."""
-    return int(_crc.crc32c(buf, value))
-
-
-def _gf2_mulmod(a: int, b: int) -> int:
-    """a * b modulo the CRC-32C polynomial (bit-reflected), as in zlib's multmodp."""
-    m = 1 << 31
-    p = 0
-    while True:
-        if a & m:
-            p ^= b
-            if (a & (m - 1)) == 0:
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
-
-
-def _x_pow_2n_table() -> list[int]:
-    p = 1 << 30  # x^1
-    table = [p]
-    for _ in range(1, 64):
-        p = _gf2_mulmod(p, p)
-        table.append(p)
-    return table
-
-
-_X2N = _x_pow_2n_table()
-
-
-def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
-    """crc32c of ``A + B`` from ``crc32c(A)``, ``crc32c(B)`` and ``len(B)`` (zlib's crc32_combine, Castagnoli)."""
-    p = 1 << 31  # x^0
-    n, k = len2, 3  # x^(8 * len2)
-    while n:
-        if n & 1:
-            p = _gf2_mulmod(_X2N[k & 63], p)
-        n >>= 1
-        k += 1
-    return _gf2_mulmod(p, crc1) ^ crc2
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -300,6 +259,79 @@ class _ReadReq:
     parts: list[tuple[ReadTask, int, memoryview]]
 
 
+@dataclass
+class _Group:
+    """The bytes ``[start, end)`` of ``file`` that one checksum covers (a group of parts, ``Piece.span``), read
+    once for all the tasks that need a part of it: ``segs`` are the destinations back to back (None: bytes no
+    task needs, read into scratch memory only to be checked)."""
+
+    file: str
+    start: int
+    end: int
+    tasks: list[ReadTask]  # read straight into their destination, in file order
+    dups: list[tuple[ReadTask, ReadTask]]  # (task, the task reading the same piece): copied once verified
+    segs: list[tuple[memoryview | None, int]]
+
+
+@dataclass
+class _GroupReq:
+    """Neighbouring groups of one file read by one request (``nbytes`` at most ``read_chunk_bytes``, or one
+    group larger than that, then read range by range)."""
+
+    file: str
+    offset: int
+    groups: list[_Group]
+    nbytes: int
+
+
+def _groups(tasks: Sequence[ReadTask], chunk: int) -> list[_GroupReq]:
+    """Read requests for ``tasks`` whose pieces are checked by a group checksum: each group read and checked once,
+    whatever number of its parts the tasks need; neighbouring groups coalesced up to ``chunk`` bytes."""
+    by_span: dict[tuple[str, int, int], list[ReadTask]] = {}
+    for t in tasks:
+        p = t.piece
+        s0, s1 = p.span  # type: ignore[misc]
+        if not s0 <= p.start <= p.end <= s1:
+            raise ManifestError(
+                f"piece [{p.start}, {p.end}] of {p.file!r} ({t.key!r}) lies outside the bytes {s0}-{s1} its "
+                "checksum covers; the manifest is damaged"
+            )
+        by_span.setdefault((p.file, s0, s1), []).append(t)
+    reqs: list[_GroupReq] = []
+    cur: _GroupReq | None = None
+    for (f, s0, s1), ts in sorted(by_span.items()):
+        ts.sort(key=lambda t: (t.piece.start, t.piece.end))
+        g = _Group(f, s0, s1, [], [], [])
+        pos, prev = s0, None
+        for t in ts:
+            p = t.piece
+            if prev is not None and p.start == prev.piece.start and p.end == prev.piece.end:
+                g.dups.append((t, prev))
+                continue
+            if p.start < pos:
+                raise ManifestError(f"pieces of {f!r} overlap at byte {p.start} ({t.key!r}); the manifest is damaged")
+            if p.start > pos:
+                g.segs.append((None, p.start - pos))
+            g.segs.append((t.dest, p.nbytes))
+            g.tasks.append(t)
+            prev, pos = t, p.end
+        if pos < s1:
+            g.segs.append((None, s1 - pos))
+        n = s1 - s0
+        if (
+            cur is None
+            or cur.file != f
+            or cur.offset + cur.nbytes != s0
+            or cur.nbytes + n > chunk
+            or len(cur.groups) >= 256
+        ):
+            cur = _GroupReq(f, s0, [], 0)
+            reqs.append(cur)
+        cur.groups.append(g)
+        cur.nbytes += n
+    return reqs
+
+
 def read_pieces(
     storage: Storage, prefix: str, tasks: Sequence[ReadTask], options: IOOptions, *, step: int | None = None
 ) -> None:
@@ -316,11 +348,15 @@ def read_pieces(
     # Slice-wise reads only where a request costs nothing extra (local files); elsewhere one request, then crc.
     slice_bytes = _SLICE_BYTES if storage.small_reads_cheap else 0
     # Build requests: split big pieces, coalesce small neighbours of the same file into one vectored read.
-    reqs: list[_ReadReq] = []
+    reqs: list[_ReadReq | _GroupReq] = []
     by_file: dict[str, list[ReadTask]] = {}
+    grouped: list[ReadTask] = []  # pieces whose checksum covers a group of parts (format 2 layout with k)
     for t in tasks:
         if t.dest.nbytes != t.piece.nbytes:
             raise ValueError(f"read of {t.key!r}: destination has {t.dest.nbytes} bytes, piece {t.piece.nbytes}")
+        if verify and t.piece.span is not None:
+            grouped.append(t)
+            continue
         by_file.setdefault(t.piece.file, []).append(t)
     split: dict[int, ReadTask] = {}  # id(task) -> task, for pieces read as several ranges
     for fname, ts in by_file.items():
@@ -344,14 +380,20 @@ def read_pieces(
             cur_end = p.end
         if cur:
             reqs.append(_ReadReq(fname, cur_start, cur))
+    if grouped:
+        reqs.extend(_groups(grouped, chunk))
     # Largest first, so the tail of the run is small requests spread over all threads.
-    reqs.sort(key=lambda r: -sum(v.nbytes for _, _, v in r.parts))
+    reqs.sort(key=lambda r: -(r.nbytes if isinstance(r, _GroupReq) else sum(v.nbytes for _, _, v in r.parts)))
 
     lock = threading.Lock()
+    local = threading.local()  # per thread: scratch memory for the bytes of groups no task needs
     ranges: dict[int, list[tuple[int, int, int]]] = {}  # id(task) -> [(offset in piece, nbytes, crc)]
 
-    def fail_read(req: _ReadReq, e: BaseException) -> IntegrityError:
-        key = req.parts[0][0].key if req.parts else "?"
+    def fail_read(req: _ReadReq | _GroupReq, e: BaseException) -> IntegrityError:
+        if isinstance(req, _GroupReq):
+            key = req.groups[0].tasks[0].key
+        else:
+            key = req.parts[0][0].key if req.parts else "?"
         if isinstance(e, EOFError):
             return IntegrityError(
                 f"step {step}: file {req.file} is shorter than the manifest says ({e}); key {key!r}",
@@ -361,13 +403,73 @@ def read_pieces(
             )
         return IntegrityError(f"step {step}: data file {req.file} is missing", step=step, file=req.file, key=None)
 
-    def read(req: _ReadReq, bufs: list[memoryview], offset: int) -> None:
+    def read(req: _ReadReq | _GroupReq, bufs: list[memoryview], offset: int) -> None:
         try:
             storage.read_into(f"{prefix}/{req.file}", offset, bufs)
         except (EOFError, FileNotFoundError) as e:
             raise fail_read(req, e) from None
 
-    def run(req: _ReadReq) -> None:
+    def scratch(n: int) -> memoryview:
+        buf = getattr(local, "buf", None)
+        if buf is None or buf.nbytes < n:
+            buf = local.buf = memoryview(bytearray(max(n, 1 << 16)))
+        return buf
+
+    def run_groups(req: _GroupReq) -> None:
+        got: list[int] = []
+        if req.nbytes > chunk:  # one group larger than a request (not what ckptstore writes): range by range
+            g = req.groups[0]
+            crc, pos = 0, g.start
+            for view, n in g.segs:
+                for a in range(0, n, chunk):
+                    b = min(n, a + chunk)
+                    buf = view[a:b] if view is not None else scratch(chunk)[: b - a]
+                    read(req, [buf], pos)
+                    crc = crc32c(buf, crc)
+                    pos += b - a
+            got.append(crc)
+        else:
+            sp, mem = 0, scratch(sum(n for g in req.groups for v, n in g.segs if v is None))
+            per_group: list[list[memoryview]] = []
+            for g in req.groups:
+                bufs = []
+                for view, n in g.segs:
+                    if view is None:
+                        view, sp = mem[sp : sp + n], sp + n
+                    bufs.append(view)
+                per_group.append(bufs)
+            if slice_bytes:  # local: group by group, each checksummed while it is in the CPU cache
+                for g, bufs in zip(req.groups, per_group):
+                    read(req, bufs, g.start)
+                    crc = 0
+                    for b in bufs:
+                        crc = crc32c(b, crc)
+                    got.append(crc)
+            else:
+                read(req, [b for bufs in per_group for b in bufs], req.offset)
+                for bufs in per_group:
+                    crc = 0
+                    for b in bufs:
+                        crc = crc32c(b, crc)
+                    got.append(crc)
+        for g, crc in zip(req.groups, got):
+            for t in g.tasks:
+                if crc != t.piece.crc32c:
+                    raise _mismatch(step, t.key, t.piece, crc)
+            for t in g.tasks:
+                if t.after is not None:
+                    t.after()
+            for t, src in g.dups:
+                if crc != t.piece.crc32c:
+                    raise _mismatch(step, t.key, t.piece, crc)
+                t.dest[:] = src.dest
+                if t.after is not None:
+                    t.after()
+
+    def run(req: _ReadReq | _GroupReq) -> None:
+        if isinstance(req, _GroupReq):
+            run_groups(req)
+            return
         crcs = [0] * len(req.parts)
         if not verify:
             read(req, [v for _, _, v in req.parts], req.offset)
@@ -419,9 +521,16 @@ def read_pieces(
 
 
 def _mismatch(step: int | None, key: str, piece: Piece, got: int) -> IntegrityError:
+    if piece.span is not None:
+        s0, s1 = piece.span
+        what = (
+            f"bytes {piece.start}-{piece.end}, checked with the group of parts at bytes {s0}-{s1}: crc32c {got:08x}, "
+            f"manifest {piece.crc32c:08x}; a damaged byte anywhere in the group fails every part of it"
+        )
+    else:
+        what = f"bytes {piece.start}-{piece.end}: crc32c {got:08x}, manifest {piece.crc32c:08x}"
     return IntegrityError(
-        f"checksum mismatch in step {step}, file {piece.file}, key {key!r} "
-        f"(bytes {piece.start}-{piece.end}: crc32c {got:08x}, manifest {piece.crc32c:08x})",
+        f"checksum mismatch in step {step}, file {piece.file}, key {key!r} ({what})",
         step=step,
         file=piece.file,
         key=key,
@@ -437,6 +546,9 @@ def verify_views(
     """
     if not options.verify or not items:
         return
+    for key, piece, _ in items:
+        if piece.span is not None:  # the caller maps only pieces checked by their own bytes (walk._map_piece)
+            raise ValueError(f"{key!r}: a piece checked by a group of parts cannot be verified from its own bytes")
     # Big pieces are checked in ranges whose checksums are combined, so one large tensor still uses every thread.
     chunk = max(1 << 20, options.read_chunk_bytes)
     work: list[tuple[int, int, int]] = []  # (item index, start, end)

@@ -266,10 +266,25 @@ def _pieces_by_file(m: Manifest) -> dict[str, list[tuple[str, Piece]]]:
 
 
 class _PieceChecker:
-    """Incremental crc32c of every piece of one file while its bytes stream past, in order."""
+    """Incremental crc32c of every piece of one file while its bytes stream past, in order. Parts checked by the
+    checksum of their group (format 2 layout lines with a group size) are checked once per group, as one piece
+    covering the group's bytes (``Piece.span``) and named by its first key."""
 
     def __init__(self, pieces: Sequence[tuple[str, Piece]]) -> None:
-        self.pieces = list(pieces)
+        units: list[tuple[str, Piece]] = []
+        groups: dict[tuple[int, int], int] = {}  # span -> how many parts
+        for key, p in pieces:
+            if p.span is None:
+                units.append((key, p))
+            elif p.span not in groups:
+                groups[p.span] = 1
+                units.append((key, Piece(p.file, p.span[0], p.span[1], p.crc32c)))
+            else:
+                groups[p.span] += 1
+        if groups:
+            units.sort(key=lambda kp: (kp[1].start, kp[1].end))
+        self.groups = groups
+        self.pieces = units
         self.crcs = [0] * len(self.pieces)
         self.seen = [0] * len(self.pieces)
         self._first = 0
@@ -292,15 +307,20 @@ class _PieceChecker:
     def problems(self, step: int, fname: str) -> list[Problem]:
         out = []
         for (key, p), got, seen in zip(self.pieces, self.crcs, self.seen):
+            n = self.groups.get((p.start, p.end), 0) if self.groups else 0
+            what = f" (a checksum group of {n} parts, from {key!r} on)" if n else ""
             if seen < p.nbytes:
-                out.append(Problem(step, fname, key, f"bytes {p.start}-{p.end} are missing (the file is truncated)"))
+                out.append(
+                    Problem(step, fname, key, f"bytes {p.start}-{p.end}{what} are missing (the file is truncated)")
+                )
             elif got != p.crc32c:
                 out.append(
                     Problem(
                         step,
                         fname,
                         key,
-                        f"checksum mismatch in bytes {p.start}-{p.end}: crc32c {got:08x}, manifest {p.crc32c:08x}",
+                        f"checksum mismatch in bytes {p.start}-{p.end}{what}: crc32c {got:08x}, "
+                        f"manifest {p.crc32c:08x}",
                     )
                 )
         return out

@@ -23,7 +23,8 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .manifest import MAX_MANIFEST_BYTES, Piece, SplitPieces, TensorEntry, _LayoutIndex, _new_entry
+from .crc import crc32c_groups
+from .manifest import MAX_MANIFEST_BYTES, Piece, SplitPieces, TensorEntry, _group_size, _LayoutIndex, _new_entry
 
 Row = tuple[tuple[int, ...], int, int]
 """A compact row: ``(global shape, chunk rows, itemsize)``."""
@@ -32,7 +33,9 @@ Row = tuple[tuple[int, ...], int, int]
 @dataclass(frozen=True)
 class PartsFile:
     """A shard file holding, back to back from byte ``start`` to its end, part ``part`` of every compact row in
-    ``[first, end)`` that has one, in row order; ``crcs``: their big-endian crc32c, 4 bytes each."""
+    ``[first, end)`` that has one, in row order; ``crcs``: the big-endian crc32c of each group of ``k``
+    consecutive parts (the writer's choice, :func:`~ckptstore.format.manifest._group_size`), 4 bytes each;
+    ``part_crcs``: each part's own, kept for :func:`expand`."""
 
     name: str
     part: int
@@ -40,9 +43,11 @@ class PartsFile:
     end: int
     start: int
     crcs: bytes
+    k: int = 1
+    part_crcs: bytes = b""
 
-    def entry(self) -> tuple[str, int, int, int, int, bytes]:
-        return (self.name, self.part, self.first, self.end, self.start, self.crcs)
+    def entry(self) -> tuple[str, int, int, int, int, bytes, int]:
+        return (self.name, self.part, self.first, self.end, self.start, self.crcs, self.k)
 
 
 def parts_file(name: str, size: int, part: int, rows: Sequence[int], pieces: Sequence[Piece]) -> PartsFile | None:
@@ -55,8 +60,12 @@ def parts_file(name: str, size: int, part: int, rows: Sequence[int], pieces: Seq
             return None
     if pieces[-1].end != size:
         return None
-    crcs = struct.pack(f">{len(pieces)}I", *(p.crc32c for p in pieces))
-    return PartsFile(name, part, rows[0], rows[-1] + 1, pieces[0].start, crcs)
+    each = [p.crc32c for p in pieces]
+    per_part = struct.pack(f">{len(each)}I", *each)
+    lens = [p.end - p.start for p in pieces]
+    k = _group_size(lens)
+    groups = per_part if k < 2 else struct.pack(f">{-(-len(each) // k)}I", *crc32c_groups(each, lens, k))
+    return PartsFile(name, part, rows[0], rows[-1] + 1, pieces[0].start, groups, max(k, 1), per_part)
 
 
 def layout_index(rows: Sequence[Row], files: Sequence[PartsFile], sizes: Mapping[str, int], where: str) -> _LayoutIndex:
@@ -84,13 +93,13 @@ def expand(rows: Sequence[Row], files: Sequence[PartsFile]) -> dict[int, list[Pi
             shape, c, itemsize = rows[r]
             d0 = shape[0]
             n = -(-d0 // c) if c > 0 else 0
-            if f.part >= n or 4 * k + 4 > len(f.crcs):
+            if f.part >= n or 4 * k + 4 > len(f.part_crcs):
                 continue
             nrows = min(c, d0 - f.part * c)
             nb = nrows * itemsize
             for x in shape[1:]:
                 nb *= x
-            crc = int.from_bytes(f.crcs[4 * k : 4 * k + 4], "big")
+            crc = int.from_bytes(f.part_crcs[4 * k : 4 * k + 4], "big")
             zeros = (0,) * (len(shape) - 1)
             out.setdefault(r, []).append(Piece(f.name, pos, pos + nb, crc, (f.part * c, *zeros), (nrows, *shape[1:])))
             pos += nb

@@ -57,6 +57,8 @@ import torch
 
 from .._gcpause import gc_pause
 from ..errors import ManifestError, UnsafeCheckpointError, UnsupportedValueError
+from .crc import crc32c as _crc32c
+from .crc import crc32c_groups
 from .state import STORABLE_DTYPES, check_device, check_tree
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ MANIFEST_NAME = "manifest.json"
 #: (peak RSS over the bytes read, ``benchmarks/manifest_parse.py``): a realistic manifest ~2.5x its size (a
 #: 249 MiB one, 464k tensors / 1.3M pieces: +616 MiB); the worst hostile shapes the limits let through ~3x (rows
 #: or pieces as small as they get) and ~5.5x (JSON filled up to the budget below). 256 MiB is ~470k tensors.
+#: Format 2 with grouped checksums drops most per-part bytes but not the rows, files and tree, which cost ~6.5x
+#: their own bytes (``tests/unit/test_scale_format.py``: 1.7-2.2x less memory than with a crc32c per part).
 MAX_MANIFEST_BYTES = 256 << 20
 #: The JSON outside the tensor rows (tree, metadata, metrics, extras, ...) may cost at most
 #: ``JSON_BUDGET_RATIO * manifest size + JSON_BUDGET_BYTES`` bytes of Python objects, as estimated by
@@ -88,6 +92,13 @@ MAX_WORLD_SIZE = (1 << 31) - 1
 #: Largest element count a stored tensor may declare, and largest size of one dimension (also stops
 #: shape-overflow tricks: without a bound, a hostile shape of 100k huge dimensions makes the product take minutes).
 MAX_NUMEL = 1 << 62
+#: Format 2 layout lines checksum groups of consecutive parts of a file (one crc32c per group of ``k`` parts, not
+#: per part): the writer picks ``k`` per file so that a group holds at most this many bytes, which is what
+#: reading one part may cost on top of its own bytes (the whole group is read to check it).
+GROUP_BYTES = 1 << 20
+#: Largest group size ``k`` a layout line may state (writers and readers): a checksum covers at most this many
+#: parts, so a manifest's parts stay bounded by its size (``MAX_GROUP_PARTS`` per 5.33 bytes of base64).
+MAX_GROUP_PARTS = 4096
 
 #: The canonical step directory name: ``step-`` and 12 to 19 ASCII digits (see :func:`parse_step_dir`).
 STEP_DIR_RE = re.compile(r"step-([0-9]{12,19})")
@@ -227,19 +238,32 @@ def _reject_constant(c: str) -> Any:
 # Tuples, not dataclasses: a manifest of a million tensors holds millions of pieces, and a tuple is both the
 # smallest object with named fields (no per-instance dict) and the fastest to build while parsing.
 class Piece(NamedTuple):
+    """Bytes ``[start, end)`` of ``file`` holding a tensor (``offsets`` None) or the box ``offsets`` + ``shape``
+    of it. ``crc32c`` is the checksum of the bytes ``span`` of ``file``: the piece's own bytes when ``span`` is
+    None, else a group of neighbouring parts that contains it (format 2 layout lines with a group size, see
+    :class:`SplitPieces`) — checking such a piece means reading the whole span."""
+
     file: str
     start: int
     end: int
     crc32c: int
     offsets: tuple[int, ...] | None = None  # None: the piece is the whole tensor
     shape: tuple[int, ...] | None = None
+    span: tuple[int, int] | None = None  # (start, end) of the bytes crc32c covers; None: [start, end)
 
     @property
     def nbytes(self) -> int:
         return self.end - self.start
 
+    @property
+    def checked(self) -> tuple[int, int]:
+        """``(start, end)`` of the bytes ``crc32c`` covers."""
+        return (self.start, self.end) if self.span is None else self.span
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"file": self.file, "range": [self.start, self.end], "crc32c": f"{self.crc32c:08x}"}
+        if self.span is not None:
+            d["crc32c_span"] = list(self.span)
         if self.offsets is not None:
             d["offsets"] = list(self.offsets)
             d["shape"] = list(self.shape or ())
@@ -331,7 +355,10 @@ class Manifest:
             "world_size": self.world_size,
             "save_id": self.save_id,
             "versions": self.versions,
-            "nbytes": self.nbytes,
+            "nbytes": sum(  # a compact row holds exactly its elements' bytes (checked by _as_split)
+                math.prod(te.shape) * STORABLE_DTYPES[te.dtype].itemsize if tk in compact else te.nbytes
+                for tk, te in self.tensors.items()
+            ),
             "files": dict(self.files),
             "tensors": None,  # written row by row below
             "layout": None,  # format 2: where the parts of compact rows are, one file per line
@@ -498,6 +525,12 @@ def _tensor_json(t: TensorEntry, memo: dict[str, str] | None = None) -> str:
 
     pieces = []
     for p in t.pieces:
+        if p.span is not None:
+            raise ManifestError(
+                f"piece [{p.start}, {p.end}] of {p.file!r} has a checksum of a group of parts (bytes {p.span[0]}-"
+                f"{p.span[1]}, read from a format 2 layout), which only a layout line can state; keep the tensor in "
+                "the layout it was read from (or give every piece its own crc32c)"
+            )
         box = "" if p.offsets is None else f',"offsets":{_ints(p.offsets)},"shape":{_ints(p.shape or ())}'
         pieces.append(f'{{"file":{js(p.file)},"range":[{int(p.start)},{int(p.end)}],"crc32c":"{p.crc32c:08x}"{box}}}')
     enc = "" if t.encoding == "raw" else f',"encoding":{js(t.encoding)}'
@@ -509,12 +542,6 @@ def _tensor_json(t: TensorEntry, memo: dict[str, str] | None = None) -> str:
 _CRC_FIELD = b',\n "manifest_crc32c":"'
 _CRC_TAIL = b'"\n}\n'
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
-
-
-def _crc32c(data: bytes | memoryview) -> int:
-    import crc32c
-
-    return int(crc32c.crc32c(data))
 
 
 def _check_self_crc(data: bytes, where: str) -> int:
@@ -568,10 +595,14 @@ _PIECE_RE = re.compile(
 _CROW_RE = re.compile(
     r"  " + _S + r':\{"dtype":' + _S + r',"shape":' + _L + r',"device":' + _S + r',"chunk":' + _N + r"\}(,?)"
 )
-_LAYOUT_RE = re.compile(r"  " + _S + r":\[" + _N + "," + _N + "," + _N + "," + _N + r',"([A-Za-z0-9+/]*={0,2})"\](,?)')
+_LAYOUT_RE = re.compile(
+    r"  " + _S + r":\[" + _N + "," + _N + "," + _N + "," + _N + r',"([A-Za-z0-9+/]*={0,2})"(?:,' + _N + r")?\](,?)"
+)
 _FIELD_RE = re.compile(rb' "([A-Za-z0-9_]+)":')
 _WS = re.compile(r"[ \t\n\r]*")
 _HEX8_S = re.compile(r"[0-9a-f]{8}")
+_NO_K = object()  # a layout line without a group size: one checksum per part
+_LayoutEntry = tuple[str, int, int, int, int, bytes, int]  # file, part, first row, end row, start, crcs, k
 
 
 def _unescape(raw: str) -> str:
@@ -605,7 +636,7 @@ class _Reader:
         self.devices: dict[str, str] = {}
         self.version = 0
         self.compact: list[tuple[str, tuple[int, ...], int, int]] = []  # format 2: (key, shape, chunk, itemsize)
-        self.layout: list[tuple[str, int, int, int, int, bytes]] | None = None
+        self.layout: list[_LayoutEntry] | None = None
 
     def bad(self, msg: str) -> ManifestError:
         return ManifestError(f"{self.where}: {msg}")
@@ -721,7 +752,7 @@ class _Reader:
         """Layout lines, one file per line, up to the line `` }``."""
         data, end = self.data, self.end
         mv = memoryview(data)
-        out: list[tuple[str, int, int, int, int, bytes]] = []
+        out: list[_LayoutEntry] = []
         self.layout = out
         comma: bool | None = None
         while pos < end:
@@ -736,9 +767,13 @@ class _Reader:
                 raise self.bad("a ',' is missing between two layout lines")
             m = _LAYOUT_RE.fullmatch(str(mv[pos:eol], "utf-8"))
             if m is None:
-                raise self.bad(f'layout line at byte {pos} is not \'  "file":[part,first,end,start,"crc32c"]\'')
-            name, p, a, b, st, crcs, tail = m.groups()
-            out.append(self._layout_entry(_unescape(name), int(p), int(a), int(b), int(st), crcs))
+                raise self.bad(f'layout line at byte {pos} is not \'  "file":[part,first,end,start,"crc32c"(,k)]\'')
+            name, p, a, b, st, crcs, k, tail = m.groups()
+            out.append(
+                self._layout_entry(
+                    _unescape(name), int(p), int(a), int(b), int(st), crcs, _NO_K if k is None else int(k)
+                )
+            )
             comma = tail == ","
             pos = eol + 1
         raise self.bad("the layout object is not closed")
@@ -748,22 +783,27 @@ class _Reader:
             raise self.bad("field 'layout' must be an object")
         self.layout = []
         for name, v in lay.items():
-            if not isinstance(v, list) or len(v) != 5:
-                raise self.bad(f"layout of {name!r:.100} must be [part, first, end, start, crc32c]")
+            if not isinstance(v, list) or len(v) not in (5, 6):
+                raise self.bad(f"layout of {name!r:.100} must be [part, first, end, start, crc32c] or [..., k]")
             self.layout.append(self._layout_entry(name, *v))
 
-    def _layout_entry(
-        self, name: Any, p: Any, a: Any, b: Any, st: Any, crcs: Any
-    ) -> tuple[str, int, int, int, int, bytes]:
+    def _layout_entry(self, name: Any, p: Any, a: Any, b: Any, st: Any, crcs: Any, k: Any = _NO_K) -> _LayoutEntry:
         if not all(_int(x, 0, MAX_INT64) for x in (p, a, b, st)) or not isinstance(crcs, str):
             raise self.bad(
                 f"layout of {name!r:.100}: [part, first, end, start, crc32c] must be 4 integers and a string"
+            )
+        if k is _NO_K:
+            k = 1
+        elif not _int(k, 2, MAX_GROUP_PARTS):
+            raise self.bad(
+                f"layout of {name!r:.100}: group size k={k!r:.40} must be an integer in 2..{MAX_GROUP_PARTS} (a line "
+                "without k has one checksum per part); the manifest is hostile or damaged"
             )
         try:
             raw = binascii.a2b_base64(crcs, strict_mode=True)
         except (binascii.Error, ValueError):
             raise self.bad(f"layout of {name!r:.100}: crc32c is not base64") from None
-        return self._name(name), p, a, b, st, raw
+        return self._name(name), p, a, b, st, raw, k
 
     def _read_any(self) -> dict[str, Any]:
         data = self.data
@@ -832,7 +872,7 @@ class _Reader:
                     if start <= end <= size and end - start == nbytes:
                         if numel:
                             boxes.append(((0,) * len(shape), shape, numel))
-                        pieces.append(_new_piece(Piece, (fname, start, end, int(crc, 16), None, None)))
+                        pieces.append(_new_piece(Piece, (fname, start, end, int(crc, 16), None, None, None)))
                     else:
                         pieces.append(
                             self._piece(f"tensor {key!r}", dt, sh, fname, start, end, int(crc, 16), None, boxes)
@@ -852,7 +892,7 @@ class _Reader:
                     ):
                         if n:
                             boxes.append((offs, bshape, n))
-                        pieces.append(_new_piece(Piece, (fname, start, end, int(crc, 16), offs, bshape)))
+                        pieces.append(_new_piece(Piece, (fname, start, end, int(crc, 16), offs, bshape, None)))
                     else:
                         pieces.append(
                             self._piece(f"tensor {key!r}", dt, sh, fname, start, end, int(crc, 16), box, boxes)
@@ -968,7 +1008,7 @@ class _Reader:
                 f"{w}: piece byte range [{start}, {end}] does not match its shape and dtype "
                 f"({n} x {dt[0]} = {n * dt[1]} bytes)"
             )
-        return _new_piece(Piece, (fname, start, end, crc, offs, bshape))
+        return _new_piece(Piece, (fname, start, end, crc, offs, bshape, None))
 
     def _add_compact(
         self, key: str, dt: tuple[str, int], sh: tuple[tuple[int, ...], int], dev: str, chunk: int
@@ -1116,7 +1156,8 @@ class _Reader:
                 [(shape, c, isz) for _, shape, c, isz in self.compact],
                 self.layout or [],
                 files,
-                len(self.data) // 5,  # every part has a crc32c in the layout: 4 bytes, 5.33 in base64
+                # every checksum of the layout is 4 bytes (5.33 in base64) and covers at most MAX_GROUP_PARTS parts
+                len(self.data) // 5 * MAX_GROUP_PARTS,
                 self.where,
             )
             for row, (key, shape, _, isz) in enumerate(self.compact):
@@ -1185,15 +1226,25 @@ class _Reader:
 # its parts are is said by the ``layout`` field, one line per shard file holding such parts:
 #
 #     "shard-9f1c2a7b-r3-0.safetensors":[3,0,120,4096,"<base64>"]      (part, first row, end row, start, crc32c)
+#     "shard-9f1c2a7b-r3-0.safetensors":[3,0,120,4096,"<base64>",16]   (the same, one crc32c per 16 parts)
 #
 # meaning: that file holds, back to back from byte ``start`` to its end, part 3 of every compact row with index
 # (among the compact rows, in manifest order) in [0, 120) that has a part 3, in row order; the base64 string is
-# the big-endian crc32c of each of those parts. A file's description is O(1) plus 4 bytes per part (the crc):
-# nothing per part repeats the file name, the byte range or the box. Every part of every compact row lies in
-# exactly one such file (checked when parsing, in O((rows + files) log rows), without expanding a piece).
+# the big-endian crc32c of each of those parts, or with a 6th element ``k`` (2..MAX_GROUP_PARTS) of each group of
+# ``k`` consecutive parts in file order (the last group may be shorter: ceil(n / k) checksums), the crc32c of the
+# group's bytes back to back. A file's description is O(1) plus 4 bytes per part or group: nothing per part
+# repeats the file name, the byte range or the box. Every part of every compact row lies in exactly one such file
+# (checked when parsing, in O((rows + files) log rows), without expanding a piece). A part of a group of several
+# parts is a Piece whose ``span`` is the group's bytes: readers read and check the group (once for all the parts
+# of it they need), so a damaged byte anywhere in a group fails the read of any part of it.
 
 
 _OFFSETS = operator.itemgetter(4)
+_CRC = operator.itemgetter(3)
+_START = operator.itemgetter(1)
+_END = operator.itemgetter(2)
+_ITEM_PIECE = operator.itemgetter(3)
+_SPAN = operator.itemgetter(6)
 
 
 def _as_split(te: TensorEntry, itemsize: int) -> tuple[int, list[Piece]] | None:
@@ -1201,7 +1252,7 @@ def _as_split(te: TensorEntry, itemsize: int) -> tuple[int, list[Piece]] | None:
     shape, pieces = te.shape, te.pieces
     if te.encoding != "raw" or not shape or len(pieces) < 2 or not shape[0]:
         return None
-    if any(p.offsets is None for p in pieces):
+    if None in map(_OFFSETS, pieces):
         return None
     ps = sorted(pieces, key=_OFFSETS)
     d0, rest = shape[0], shape[1:]
@@ -1264,9 +1315,10 @@ def _compact_from_index(m: Manifest) -> tuple[dict[str, int], list[str]] | None:
         log.debug("compact rows re-laid out: %s", e)
         return None
     lines = []
-    for f, p, a, b, s, crcs in ix.entries:
+    for f, p, a, b, s, crcs, k in ix.entries:
         b64 = binascii.b2a_base64(crcs, newline=False).decode()
-        lines.append(f'  {_json_str(f)}:[{p},{a},{b},{s},"{b64}"]')
+        tail = f",{k}]" if k > 1 else "]"
+        lines.append(f'  {_json_str(f)}:[{p},{a},{b},{s},"{b64}"{tail}')
     return compact, lines
 
 
@@ -1339,7 +1391,7 @@ def _compact_rows(m: Manifest, min_parts: int, check: bool = True) -> tuple[dict
                 continue
             part = items[0][2]
             for (_, r0, _, _), (_, r1, _, _) in itertools.pairwise(items):  # type: ignore[misc]
-                if any(nparts[k] > part for k in range(r0 + 1, r1)):
+                if r1 - r0 > 1 and any(nparts[k] > part for k in range(r0 + 1, r1)):
                     blocked.add(f)
                     todo.append(f)
                     break
@@ -1356,22 +1408,104 @@ def _compact_rows(m: Manifest, min_parts: int, check: bool = True) -> tuple[dict
     for f, items in by_file.items():
         if f in blocked:
             continue
-        crcs = struct.pack(f">{len(items)}I", *(pc.crc32c for _, _, _, pc in items))  # type: ignore[misc]
+        k, group_crcs = _group_crcs(f, list(map(_ITEM_PIECE, items)), m.step)
+        crcs = struct.pack(f">{len(group_crcs)}I", *group_crcs)
         a, b = cidx[items[0][1]], cidx[items[-1][1]] + 1  # type: ignore[misc]
         b64 = binascii.b2a_base64(crcs, newline=False).decode()
-        lines.append(f'  {_json_str(f)}:[{items[0][2]},{a},{b},{items[0][0]},"{b64}"]')  # type: ignore[misc]
-        entries.append((f, items[0][2], a, b, items[0][0], crcs))  # type: ignore[misc]
+        tail = f",{k}]" if k > 1 else "]"
+        lines.append(f'  {_json_str(f)}:[{items[0][2]},{a},{b},{items[0][0]},"{b64}"{tail}')  # type: ignore[misc]
+        entries.append((f, items[0][2], a, b, items[0][0], crcs, k))  # type: ignore[misc]
     # What the reader will check, checked here with the reader's own code: never commit a layout it refuses.
     rows = [(m.tensors[k].shape, cand[k][0], STORABLE_DTYPES[m.tensors[k].dtype].itemsize) for k in keys if k in cand]
     try:
         if check:
-            _LayoutIndex(rows, entries, files, MAX_MANIFEST_BYTES // 5, f"the manifest of step {m.step}")
+            _LayoutIndex(
+                rows, entries, files, MAX_MANIFEST_BYTES // 5 * MAX_GROUP_PARTS, f"the manifest of step {m.step}"
+            )
     except _SpanError:
         raise _TooSparse(max(len(v[1]) for v in cand.values())) from None
     except ManifestError as e:  # a bug, not the caller's fault: the explicit rows are always readable
         log.warning("format 2 layout refused by its own reader (%s); writing every row explicitly", e)
         return {}, []
     return {k: v[0] for k, v in cand.items()}, lines
+
+
+def _group_crcs(f: str, parts: Sequence[Piece], step: int) -> tuple[int, list[int]]:
+    """The group size ``k`` of a file's layout line and its checksums: one per group of ``k`` consecutive parts
+    (``parts`` in file order; 1: one checksum per part). Every group holds at most :data:`GROUP_BYTES`: ``k``
+    starts at ``GROUP_BYTES // largest part`` and grows (doubling, then a few bisection steps) while every group
+    still fits, as most parts are much smaller than a file's largest. Parts read from a grouped layout (their
+    ``span`` set) keep their groups and checksums, so a parsed manifest writes back the bytes it was read from."""
+    if any(map(_SPAN, parts)):
+        return _regroup(f, parts, step)
+    lens = list(map(operator.sub, map(_END, parts), map(_START, parts)))
+    k = _group_size(lens)
+    crcs = list(map(_CRC, parts))
+    if k < 2:
+        return 1, crcs
+    return k, crc32c_groups(crcs, lens, k)
+
+
+def _group_size(lens: list[int]) -> int:
+    """The largest ``k`` found (``O(n)`` in all) such that every group of ``k`` consecutive ``lens`` (the last
+    group may be shorter) sums to at most :data:`GROUP_BYTES`; at most ``MAX_GROUP_PARTS`` and ``n``."""
+    n = len(lens)
+    cap = min(n, MAX_GROUP_PARTS)
+    largest = max(lens)
+    if cap < 2 or largest > GROUP_BYTES:
+        return 1
+    good = min(cap, max(1, GROUP_BYTES // largest)) if largest else cap
+    if good == cap:
+        return good
+    pre = [0, *itertools.accumulate(lens)]
+
+    def fits(k: int) -> bool:
+        ends = pre[k::k]
+        if n % k:
+            ends.append(pre[n])
+        return max(map(operator.sub, ends, pre[0:n:k])) <= GROUP_BYTES
+
+    bad = cap + 1
+    k = 2 * good
+    while k <= cap:
+        if not fits(k):
+            bad = k
+            break
+        good, k = k, 2 * k
+    else:
+        if good < cap and fits(cap):
+            return cap
+    for _ in range(4):
+        mid = (good + bad) // 2
+        if mid <= good:
+            break
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def _regroup(f: str, parts: Sequence[Piece], step: int) -> tuple[int, list[int]]:
+    """``(k, group checksums)`` of parts that carry group checksums (read from a layout line with ``k``)."""
+    n = len(parts)
+    first = parts[0].span
+    k = 1
+    if first is not None:
+        while k < n and parts[k].start < first[1]:
+            k += 1
+    out = []
+    for lo in range(0, n, k):
+        hi = min(n, lo + k)
+        want = None if hi - lo == 1 else (parts[lo].start, parts[hi - 1].end)
+        crc = parts[lo].crc32c
+        if k < 2 or any(p.span != want or p.crc32c != crc for p in parts[lo:hi]):
+            raise ManifestError(
+                f"the manifest of step {step}: the parts in {f!r} carry checksums of groups of parts that are not "
+                f"groups of k consecutive parts of the file (at part {lo}); they cannot be written in a layout line"
+            )
+        out.append(crc)
+    return k, out
 
 
 def _compact_json(t: TensorEntry, chunk: int, memo: dict[str, str]) -> str:
@@ -1394,7 +1528,7 @@ class _LayoutIndex:
     def __init__(
         self,
         rows: Sequence[tuple[tuple[int, ...], int, int]],
-        entries: Sequence[tuple[str, int, int, int, int, bytes]],
+        entries: Sequence[_LayoutEntry],
         files: Mapping[str, int],
         max_parts: int,
         where: str,
@@ -1402,7 +1536,8 @@ class _LayoutIndex:
         def bad(msg: str) -> ManifestError:
             return ManifestError(f"{where}: {msg}")
 
-        # rows: (shape, chunk, itemsize)
+        # rows: (shape, chunk, itemsize). At most k parts per checksum of every line: no more parts than that.
+        max_parts = min(max_parts, sum(e[6] * -(-len(e[5]) // 4) for e in entries))
         n_rows = len(rows)
         np_, full_, last_ = [0] * n_rows, [0] * n_rows, [0] * n_rows
         total = 0
@@ -1421,7 +1556,7 @@ class _LayoutIndex:
         self.chunks = [r[1] for r in rows]
         seen: set[str] = set()
         span = 0
-        for f, _, a, b, _, _ in entries:
+        for f, _, a, b, _, _, _ in entries:
             span += b - a
             if f in seen:
                 raise bad(f"file {f!r} is described twice in the layout")
@@ -1462,7 +1597,7 @@ class _LayoutIndex:
 
         pc = pf = 0
         for e in sorted(range(len(entries)), key=lambda e: -entries[e][1]):
-            f, p, a, b, s, crcs = entries[e]
+            f, p, a, b, s, crcs, k = entries[e]
             while pc < n_rows and np_[rows_desc[pc]] > p:
                 add(bit_c, rows_desc[pc], 1)
                 pc += 1
@@ -1476,8 +1611,13 @@ class _LayoutIndex:
                 nb += lst[1][bisect.bisect_left(lst[0], b)] - lst[1][bisect.bisect_left(lst[0], a)]
             if not n:
                 raise bad(f"the layout of {f!r} names no part (part {p} of rows [{a}, {b}))")
-            if len(crcs) != 4 * n:
-                raise bad(f"the layout of {f!r} has {len(crcs) // 4} checksums for {n} parts")
+            if k > n:
+                raise bad(f"the layout of {f!r} groups its checksums by k={k} parts, but the file holds {n} parts")
+            if len(crcs) != 4 * -(-n // k):
+                raise bad(
+                    f"the layout of {f!r} has {len(crcs) // 4} checksums for {n} parts"
+                    + (f" in groups of {k} (want {-(-n // k)})" if k > 1 else "")
+                )
             if s + nb != files[f]:
                 raise bad(
                     f"the layout of {f!r} puts {nb} bytes of parts at byte {s}, but the file has {files[f]} bytes"
@@ -1486,7 +1626,7 @@ class _LayoutIndex:
         # Every part of every compact row in exactly one file: per part, disjoint row ranges holding them all.
         need = sorted(np_, reverse=True)
         by_part: dict[int, list[tuple[int, int]]] = {}
-        for e, (_, p, a, _, _, _) in enumerate(entries):
+        for e, (_, p, a, _, _, _, _) in enumerate(entries):
             by_part.setdefault(p, []).append((a, e))
         self.by_part: dict[int, tuple[list[int], list[int]]] = {}
         j = len(need)
@@ -1505,32 +1645,42 @@ class _LayoutIndex:
         if total != sum(cnt):
             raise bad(f"the layout holds {sum(cnt)} parts of compact rows, which have {total}")
         self.entries = list(entries)
+        self.cnt = cnt
         self._pos: dict[int, tuple[array, array]] = {}
 
-    def locate(self, row: int, part: int) -> tuple[str, int, int, int]:
-        """``(file, start, end, crc32c)`` of ``part`` of compact ``row``."""
+    def locate(self, row: int, part: int) -> tuple[str, int, int, int, tuple[int, int] | None]:
+        """``(file, start, end, crc32c, span)`` of ``part`` of compact ``row``: ``span`` (None: the part itself)
+        is the byte range ``crc32c`` covers, the part's group when its line has a group size."""
         starts, eids = self.by_part[part]
         e = eids[bisect.bisect_right(starts, row) - 1]
-        f, _, a, _, s, crcs = self.entries[e]
+        f, _, a, _, s, crcs, k = self.entries[e]
         tab = self._pos.get(e)
         if tab is None:
             tab = self._pos[e] = self._table(e)
-        off, idx = tab[0][row - a], tab[1][row - a]
-        size = self.full[row] if part < self.np[row] - 1 else self.last[row]
-        return f, s + off, s + off + size, int.from_bytes(crcs[4 * idx : 4 * idx + 4], "big")
+        offs = tab[1]
+        i = tab[0][row - a]  # the part's index in its file
+        if k == 1:
+            return f, s + offs[i], s + offs[i + 1], int.from_bytes(crcs[4 * i : 4 * i + 4], "big"), None
+        g = i // k
+        lo, hi = g * k, min(g * k + k, self.cnt[e])
+        span = None if hi - lo == 1 else (s + offs[lo], s + offs[hi])
+        return f, s + offs[i], s + offs[i + 1], int.from_bytes(crcs[4 * g : 4 * g + 4], "big"), span
 
     def _table(self, e: int) -> tuple[array, array]:
-        _, p, a, b, _, _ = self.entries[e]
-        off, idx = array("q", bytes(8 * (b - a))), array("q", bytes(8 * (b - a)))
+        """Per row of the entry's range, the index of its part in the file; per part, its offset after the
+        entry's start (and the end of the last)."""
+        _, p, a, b, _, _, _ = self.entries[e]
+        idx, offs = array("q", bytes(8 * (b - a))), array("q", bytes(8 * (self.cnt[e] + 1)))
         np_, full, last = self.np, self.full, self.last
         cur = k = 0
         for j in range(a, b):
             n = np_[j]
             if n > p:
-                off[j - a], idx[j - a] = cur, k
+                idx[j - a], offs[k] = k, cur
                 cur += full[j] if p < n - 1 else last[j]
                 k += 1
-        return off, idx
+        offs[k] = cur
+        return idx, offs
 
 
 class SplitPieces(Sequence[Piece]):
@@ -1548,11 +1698,11 @@ class SplitPieces(Sequence[Piece]):
         return self._ix.np[self._row]
 
     def _piece(self, p: int) -> Piece:
-        f, start, end, crc = self._ix.locate(self._row, p)
+        f, start, end, crc, span = self._ix.locate(self._row, p)
         c, shape = self.chunk, self.shape
         rows = min(c, shape[0] - p * c)
         zeros = (0,) * (len(shape) - 1)
-        return _new_piece(Piece, (f, start, end, crc, (p * c, *zeros), (rows, *shape[1:])))
+        return _new_piece(Piece, (f, start, end, crc, (p * c, *zeros), (rows, *shape[1:]), span))
 
     def __getitem__(self, i: Any) -> Any:
         n = len(self)

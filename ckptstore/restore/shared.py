@@ -5,7 +5,9 @@ requests and bytes (1024 ranks: 1024 GETs of every object). Here the pieces that
 assigned to owner ranks (runs of neighbouring pieces of about equal bytes); each owner reads and checks (crc32c)
 its pieces, and the bytes travel to the other ranks over the checkpoint process group (gloo). Pieces only some
 ranks need (FSDP2 shards, ``PerRank`` values) are read directly by those ranks, as before. The job's storage
-traffic is then the checkpoint's, whatever the world size.
+traffic is then the checkpoint's, whatever the world size. A piece checked by the checksum of its group of parts
+(format 2 layout lines with a group size) is read with its whole group (``read_pieces``): two owners whose runs
+meet inside a group both read it, at most ``GROUP_BYTES`` more per owner.
 
 The call sequence, the same on every rank (all collectives are reached by every rank whatever happens locally):
 

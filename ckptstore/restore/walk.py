@@ -478,7 +478,7 @@ def _map_piece(rc: ReadCtx, key: str, e: TensorEntry, dt: torch.dtype) -> torch.
     p = e.pieces[0]
     itemsize = dt.itemsize
     numel = math.prod(e.shape)
-    if p.offsets is not None or not numel or p.nbytes != numel * itemsize or p.start % itemsize:
+    if p.offsets is not None or p.span is not None or not numel or p.nbytes != numel * itemsize or p.start % itemsize:
         return None
     if p.file not in rc.maps:
         try:

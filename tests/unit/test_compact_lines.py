@@ -6,13 +6,14 @@ same tensors back."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from ckptstore.errors import ManifestError
-from ckptstore.format.compact import PartsFile, expand, layout_index
+from ckptstore.format.compact import expand, layout_index
 from ckptstore.format.manifest import Manifest, SplitPieces
 from ckptstore.format.state import flatten
 from ckptstore.io import Source, write_files
@@ -52,6 +53,11 @@ def rank_view(state: dict[str, torch.Tensor], rank: int, world: int) -> tuple[li
 
 
 def save_both_ways(tmp_path: Path, world: int) -> tuple[bytes, bytes, Manifest, int]:
+    lines, pieces, m, n, _, _ = _save_both_ways(tmp_path, world)
+    return lines, pieces, m, n
+
+
+def _save_both_ways(tmp_path: Path, world: int) -> tuple[bytes, bytes, Manifest, int, Manifest, list]:
     state = full_state(6)
     storage = LocalStorage(str(tmp_path))
     attempt = protocol.Attempt(False, 0, "ab12cd34", None, True)
@@ -75,7 +81,8 @@ def save_both_ways(tmp_path: Path, world: int) -> tuple[bytes, bytes, Manifest, 
     n_parts_files = sum(len(rep[3]) for rep in lines_reports)
     via_lines = protocol.build_manifest(job, spec_of, lines_reports, attempt, world, plans0.rows)
     via_pieces = protocol.build_manifest(job, spec_of, piece_reports, attempt, world, None)
-    return via_lines.to_bytes(), via_pieces.to_bytes(), via_lines, n_parts_files
+    all_parts = [pf for rep in lines_reports for pf in rep[3]]
+    return via_lines.to_bytes(), via_pieces.to_bytes(), via_lines, n_parts_files, via_pieces, all_parts
 
 
 @pytest.mark.parametrize("world", [2, 3, 8])
@@ -115,7 +122,7 @@ def test_lines_a_reader_would_refuse_fall_back_to_explicit_pieces(tmp_path: Path
         files = plans.files(mine, OPTS, save_id=attempt.save_id, rank=r)
         w, parts = plans.rows.parts_files(files, write_files(storage, "step-3", files, sources, OPTS))
         if r == 2:  # a line whose crcs are one short: the reader's index refuses it, the save must not commit it
-            parts = [PartsFile(p.name, p.part, p.first, p.end, p.start, p.crcs[:-4]) for p in parts]
+            parts = [dataclasses.replace(p, crcs=p.crcs[:-4], part_crcs=p.part_crcs[:-4]) for p in parts]
         reports.append((w, None if r == 0 else [], (), parts))
         if r == 0:
             rows, spec_of = plans.rows, {t.key: t for t in mine.layout.tensors}
@@ -137,19 +144,12 @@ def test_lines_the_index_refuses_become_explicit_pieces_of_the_same_manifest(
     assert lines == pieces  # the encoder then compacts the explicit pieces as for any manifest
 
 
-def test_expand_gives_the_pieces_the_index_locates(tmp_path: Path) -> None:
-    _, _, m, _ = save_both_ways(tmp_path, 3)
-    te = m.tensors["w0"]
-    assert isinstance(te.pieces, SplitPieces)
-    ix = te.pieces._ix
-    rows = [
-        (m.tensors[k].shape, m.tensors[k].pieces.chunk, 4)
-        for k in m.tensors
-        if isinstance(m.tensors[k].pieces, SplitPieces)
-    ]
-    files = [PartsFile(*e) for e in ix.entries]
-    assert layout_index(rows, files, m.files, "t").np == ix.np
+def test_expand_gives_the_explicit_pieces(tmp_path: Path) -> None:
+    _, _, m, _, explicit, parts = _save_both_ways(tmp_path, 3)
     keys = [k for k in m.tensors if isinstance(m.tensors[k].pieces, SplitPieces)]
-    got = expand(rows, files)
+    rows = [(m.tensors[k].shape, m.tensors[k].pieces.chunk, 4) for k in keys]
+    assert layout_index(rows, parts, m.files, "t").np == m.tensors[keys[0]].pieces._ix.np
+    assert any(pf.k > 1 for pf in parts)  # small parts: one checksum per group of parts in the lines
+    got = expand(rows, parts)
     for row, key in enumerate(keys):
-        assert sorted(got[row]) == sorted(m.tensors[key].pieces), key
+        assert sorted(got[row]) == sorted(explicit.tensors[key].pieces), key
