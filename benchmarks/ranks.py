@@ -387,10 +387,13 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
     from ckptstore import CheckpointManager, IOOptions
 
     torch.set_num_threads(1)  # up to 8 ranks on 2 cores
+    phases: dict[str, float] = {"init": 0.0, "build": 0.0, "targets": 0.0, "checks": 0.0, "close": 0.0}
+    t_phase = time.perf_counter()
     world, mode, layers, rows = job["world"], job["mode"], job["layers"], job["rows"]
     td = _dt.timedelta(seconds=float(job["timeout"]))
     store = dist.TCPStore("127.0.0.1", int(job["port"]), world, is_master=rank == 0, timeout=td)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=td)
+    phases["init"] = time.perf_counter() - t_phase
     timer = CollectiveTimer()
     timer.install()
     op = _Op(job, timer)
@@ -402,6 +405,7 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
         for ro in job["read_once"]
     }
     try:
+        t_phase = time.perf_counter()
         model, optim = build(mode, world, layers, rows, seed=0)
         if mode == "ddp":
             save_state: dict[str, Any] = {"model": model.module, "optim": optim}
@@ -409,6 +413,7 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
             msd, osd = get_state_dict(model, optim)
             save_state = {"model": msd, "optim": osd}
         want = view(model, optim)
+        phases["build"] = time.perf_counter() - t_phase
         rounds: list[dict[str, Any]] = []
         for r in range(int(job["rounds"])):
             step = r + 1
@@ -417,6 +422,7 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
             rec: dict[str, Any] = {"step": step, "save": m_save, "restore": {}}
             order = list(job["read_once"]) if r % 2 == 0 else list(reversed(job["read_once"]))
             for ro in order:
+                t_phase = time.perf_counter()
                 tmodel, toptim = build(mode, world, layers, rows, seed=1)
                 for st in toptim.state.values():  # the steps would otherwise equal the saved ones (1.0)
                     if isinstance(st.get("step"), torch.Tensor):
@@ -426,6 +432,7 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
                     raise ConfigError(
                         f"benchmark setup: {same_before} tensors of the fresh model already equal the saved state"
                     )
+                phases["targets"] += time.perf_counter() - t_phase
                 if mode == "ddp":
                     target: dict[str, Any] = {"model": tmodel.module, "optim": toptim}
                     _, m = op.run(functools.partial(mgrs[ro].restore, target, step=step))
@@ -434,6 +441,7 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
                     target = {"model": tmsd, "optim": tosd}
                     _, m = op.run(functools.partial(mgrs[ro].restore, target, step=step))
                     set_state_dict(tmodel, toptim, model_state_dict=tmsd, optim_state_dict=tosd)
+                t_phase = time.perf_counter()
                 got = view(tmodel, toptim)
                 if job.get("corrupt_rank") == rank:  # test hook: the check must catch one flipped byte
                     first = sorted(got)[0]
@@ -441,6 +449,7 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
                     _raw(flipped)[:1].bitwise_xor_(1)
                     got[first] = flipped
                 bad, n, nb = compare_states(want, got)
+                phases["checks"] += time.perf_counter() - t_phase
                 m.update(exact=not bad, compared_tensors=n, compared_bytes=nb, equal_before=same_before)
                 if bad:
                     raise IntegrityError(
@@ -455,18 +464,25 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
             man = saver.manifest(1)
             out["ckpt_files"] = dict(man.files)
             out["ckpt_tensor_bytes"] = man.nbytes
+        t_phase = time.perf_counter()
+        for mgr in (saver, *mgrs.values()):
+            mgr.close()
+        phases["close"] = time.perf_counter() - t_phase
+        out["phase_seconds"] = phases
         dist.barrier()
         return out
     finally:
         for mgr in (saver, *mgrs.values()):
-            mgr.close()
+            mgr.close()  # idempotent
         dist.destroy_process_group()
 
 
 def _rank_main(rank: int, job: dict[str, Any], conn: Any) -> None:
     _die_with_parent()
+    t0 = time.perf_counter()
     try:
         res = _rank_body(rank, job)
+        res["rank_seconds"] = time.perf_counter() - t0
     except BaseException as e:  # reported to the driver
         res = {"error": f"{type(e).__name__}: {e}", "error_type": type(e).__name__, "traceback": traceback.format_exc()}
     try:
@@ -484,6 +500,22 @@ def _free_port() -> int:
 
 
 _ERRORS: dict[str, type[CheckpointError]] = {"IntegrityError": IntegrityError, "ConfigError": ConfigError}
+
+
+def preload(s3: bool) -> None:
+    """Import what the ranks use before forking them, so N ranks on 2 cores do not each import it again."""
+    import torch.distributed.checkpoint.state_dict
+    import torch.distributed.device_mesh
+    import torch.distributed.fsdp
+    import torch.nn.parallel  # noqa: F401
+
+    import ckptstore
+
+    if s3:
+        import botocore.session  # noqa: F401
+        import s3fs  # noqa: F401
+
+        import ckptstore.storage.s3  # noqa: F401
 
 
 def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -614,6 +646,8 @@ def aggregate(job: dict[str, Any], ranks: list[dict[str, Any]], wall: float) -> 
         "tensor_bytes": payload,
         "local_tensor_bytes_max": max(rk["local_tensor_bytes"] for rk in ranks),
         "job_wall_seconds": wall,
+        "rank_wall_seconds_max": max(rk["rank_seconds"] for rk in ranks),
+        "rank_phase_seconds_max": {k: max(rk["phase_seconds"][k] for rk in ranks) for k in ranks[0]["phase_seconds"]},
         "save": per_op(lambda rd: rd["save"]),
         "restore": {
             key: per_op(lambda rd, key=key: rd["restore"][key])  # type: ignore[misc]
@@ -639,6 +673,10 @@ def _size(n: Any) -> str:
     return f"{n / MiB:,.1f} MiB"
 
 
+def _rss(summary: dict[str, Any]) -> str:
+    return f"{summary['rss_peak_max'] / MiB:,.0f} (+{summary['rss_rise_max'] / MiB:,.0f})"
+
+
 def _sec(s: dict[str, float]) -> str:
     if s["min"] == s["max"]:
         return f"{s['median']:.3f}"
@@ -657,33 +695,35 @@ def render(doc: dict[str, Any]) -> str:
         "",
         f"State: {a['layers']} fp32 weights of `[{rows[0]['rows'] if rows else '?'}, {LayerStack.COLS}]` "
         f"({a['mib']} MiB) + AdamW `exp_avg`/`exp_avg_sq`/`step` after one step; {a['rounds']} rounds, medians "
-        "[min-max] over rounds. Times are the slowest rank's; *coll.* = time inside torch.distributed "
-        "collectives (slowest rank); *pg sent* = bytes the busiest rank sent over its process-group TCP "
-        "connections; *RSS* = the largest rank's peak RSS during the operation (absolute). Restore: every rank "
-        "into a freshly initialised model, checked byte for byte against what it saved (*exact*).",
+        "[min-max] over rounds. Times are the slowest rank's (save: `mgr.save`; restore: `mgr.restore`, on "
+        "every rank into a freshly initialised model, with `io.read_once` on or off); *coll.* = time inside "
+        "torch.distributed collectives during the call (slowest rank, waiting for the others included); "
+        "*pg sent* = bytes the busiest rank sent over its process-group TCP connections; *RSS* = the largest "
+        "rank's peak RSS during the call (rise over the RSS before it). *exact*: every rank's restored tensors "
+        "equal what it saved, byte for byte, in every round and both variants.",
         "",
-        "| target | mode | ranks | ckpt MiB | save s | save coll. s | save pg sent | save RSS MiB | "
-        "restore s (read once) | coll. s | pg sent | restore s (direct) | restore RSS MiB | exact |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| target | mode | ranks | ckpt MiB | save s | coll. s | pg sent | RSS MiB | restore s (read once) | "
+        "coll. s | pg sent | RSS MiB | restore s (direct) | RSS MiB | exact |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         s = r["save"]["summary"]
         once = r["restore"].get("true", {}).get("summary")
         direct = r["restore"].get("false", {}).get("summary")
-        rest = [x for x in (once, direct) if x]
-        exact = all(x["exact"] for x in rest)
-        lines.append(
-            f"| {r['target']} | {r['mode']} | {r['world']} | {_mib(r['ckpt_bytes'])} | {_sec(s['seconds'])} | "
-            f"{s['collective_seconds_max']:.3f} | {_size(s['pg_bytes_sent_max'])} | {_mib(s['rss_peak_max'])} | "
-            + (
-                f"{_sec(once['seconds'])} | {once['collective_seconds_max']:.3f} | "
-                f"{_size(once['pg_bytes_sent_max'])} | "
-                if once
-                else "- | - | - | "
-            )
-            + (f"{_sec(direct['seconds'])} | " if direct else "- | ")
-            + f"{_mib(max(x['rss_peak_max'] for x in rest))} | {exact} |"
-        )
+        exact = all(x["exact"] for x in (once, direct) if x)
+        cells = [r["target"], r["mode"], str(r["world"]), _mib(r["ckpt_bytes"])]
+        cells += [_sec(s["seconds"]), f"{s['collective_seconds_max']:.3f}", _size(s["pg_bytes_sent_max"]), _rss(s)]
+        if once:
+            cells += [
+                _sec(once["seconds"]),
+                f"{once['collective_seconds_max']:.3f}",
+                _size(once["pg_bytes_sent_max"]),
+                _rss(once),
+            ]
+        else:
+            cells += ["-"] * 4
+        cells += [_sec(direct["seconds"]), _rss(direct)] if direct else ["-", "-"]
+        lines.append("| " + " | ".join(cells) + f" | {exact} |")
     s3 = [r for r in rows if r["target"] == "s3"]
     if s3:
         lines += [
@@ -801,6 +841,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         RequestCounter.install()
         GetBytes.install()
+    preload("s3" in args.targets)
     rows_per_layer = _rows(args.mib, args.layers)
     results: list[dict[str, Any]] = []
     for target in _targets(args):
