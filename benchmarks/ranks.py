@@ -13,13 +13,15 @@ root with FSDP2 ``fully_shard`` (``fsdp2``), and makes the AdamW state with one 
 * **save**: after a barrier every rank times ``mgr.save(round + 1, state)`` (the documented recipes: DDP
   ``{"model": ddp.module, "optim": opt}``, FSDP2 ``get_state_dict`` -> ``{"model": msd, "optim": osd}``); the
   job's save time is the slowest rank's;
-* **restore**, once per ``--read-once`` variant (order alternating by round): every rank builds a freshly
-  initialised model (seed 1, its own AdamW step, step counters zeroed, so every tensor differs bitwise from the
-  saved one, which is checked), wraps/shards it the same way, and after a barrier times ``mgr.restore(...,
+* **restore**, once per ``--read-once`` variant (order alternating by round): into a second model of the same
+  shape (built once per job from seed 1, wrapped/sharded the same way, with its own AdamW state), re-initialised
+  in place before every restore (every parameter and optimizer-state element set to ``POISON``, -1, which no
+  saved element equals; checked element by element), every rank times, after a barrier, ``mgr.restore(...,
   step=round + 1)`` on a manager with ``IOOptions(read_once=...)`` (FSDP2: into ``get_state_dict``'s DTensors,
-  then ``set_state_dict``, outside the timed call). Every rank then compares every tensor of its restored state
-  (``get_state_dict``, local shards) byte for byte with the state it saved; any difference raises
-  ``IntegrityError`` and fails the run.
+  then ``set_state_dict``, outside the timed call). Building a fresh model per restore instead would add tens of
+  seconds of first-touch memory per job (8 ranks on 2 cores), not change what ``restore`` does. Every rank
+  then compares every tensor of its restored state (``get_state_dict``, local shards) byte for byte with the
+  state it saved; any difference raises ``IntegrityError`` and fails the run.
 
 Measured per rank and operation, summed or maxed over ranks by the job:
 
@@ -286,13 +288,20 @@ def compare_states(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) 
     return bad, n, nbytes
 
 
-def equal_count(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> int:
-    """How many tensors of ``got`` are already bitwise equal to ``want`` (0 before a meaningful restore)."""
-    return sum(
-        1
-        for k in set(want) & set(got)
-        if want[k].dtype == got[k].dtype and want[k].shape == got[k].shape and torch.equal(_raw(want[k]), _raw(got[k]))
-    )
+POISON = -1.0
+"""Every element of the restore target before a restore: no saved value is -1 (weights from ``torch.rand`` moved
+by one AdamW step of lr 1e-4, non-negative moments, steps of 1), so a byte the restore fails to write stays
+wrong and the comparison after it sees the difference."""
+
+
+def poison(model: Any, optim: torch.optim.Optimizer) -> None:
+    """Re-initialise the restore target in place: every parameter and optimizer state element set to POISON."""
+    live = list(model.parameters())
+    live += [v for st in optim.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    with torch.no_grad():
+        for t in live:
+            to_local = getattr(t, "to_local", None)
+            (to_local() if callable(to_local) else t).fill_(POISON)
 
 
 def _rows(mib: float, layers: int) -> int:
@@ -413,6 +422,11 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
             msd, osd = get_state_dict(model, optim)
             save_state = {"model": msd, "optim": osd}
         want = view(model, optim)
+        saved_poison = sum(int((t == POISON).sum()) for t in want.values())
+        if saved_poison:
+            raise ConfigError(f"benchmark setup: {saved_poison} saved elements equal the restore target's POISON")
+        # The restore target: built once (another seed), wrapped the same way, re-initialised before every restore.
+        tmodel, toptim = build(mode, world, layers, rows, seed=1)
         phases["build"] = time.perf_counter() - t_phase
         rounds: list[dict[str, Any]] = []
         for r in range(int(job["rounds"])):
@@ -423,21 +437,18 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
             order = list(job["read_once"]) if r % 2 == 0 else list(reversed(job["read_once"]))
             for ro in order:
                 t_phase = time.perf_counter()
-                tmodel, toptim = build(mode, world, layers, rows, seed=1)
-                for st in toptim.state.values():  # the steps would otherwise equal the saved ones (1.0)
-                    if isinstance(st.get("step"), torch.Tensor):
-                        st["step"].zero_()
-                same_before = equal_count(want, view(tmodel, toptim))
-                if same_before:
-                    raise ConfigError(
-                        f"benchmark setup: {same_before} tensors of the fresh model already equal the saved state"
-                    )
+                poison(tmodel, toptim)
+                before = view(tmodel, toptim)
+                if set(before) != set(want) or not all(bool((t == POISON).all()) for t in before.values()):
+                    raise ConfigError("benchmark setup: re-initialising the restore target did not reach its state")
+                del before
+                same_before = saved_poison  # every target element is POISON: these many equal the saved state
                 phases["targets"] += time.perf_counter() - t_phase
                 if mode == "ddp":
                     target: dict[str, Any] = {"model": tmodel.module, "optim": toptim}
                     _, m = op.run(functools.partial(mgrs[ro].restore, target, step=step))
                 else:
-                    tmsd, tosd = get_state_dict(tmodel, toptim)
+                    tmsd, tosd = get_state_dict(tmodel, toptim)  # the recipe: this rank's view, filled in place
                     target = {"model": tmsd, "optim": tosd}
                     _, m = op.run(functools.partial(mgrs[ro].restore, target, step=step))
                     set_state_dict(tmodel, toptim, model_state_dict=tmsd, optim_state_dict=tosd)
@@ -457,7 +468,7 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
                         f"{len(bad)} of {n} tensors (first: {bad[:3]}); the restore is not bit-exact"
                     )
                 rec["restore"][str(ro).lower()] = m
-                del tmodel, toptim, target, got
+                del target, got
             rounds.append(rec)
         out: dict[str, Any] = {"rounds": rounds, "local_tensor_bytes": sum(_raw(t).numel() for t in want.values())}
         if rank == 0:
@@ -696,7 +707,7 @@ def render(doc: dict[str, Any]) -> str:
         f"State: {a['layers']} fp32 weights of `[{rows[0]['rows'] if rows else '?'}, {LayerStack.COLS}]` "
         f"({a['mib']} MiB) + AdamW `exp_avg`/`exp_avg_sq`/`step` after one step; {a['rounds']} rounds, medians "
         "[min-max] over rounds. Times are the slowest rank's (save: `mgr.save`; restore: `mgr.restore`, on "
-        "every rank into a freshly initialised model, with `io.read_once` on or off); *coll.* = time inside "
+        "every rank into a re-initialised model, with `io.read_once` on or off); *coll.* = time inside "
         "torch.distributed collectives during the call (slowest rank, waiting for the others included); "
         "*pg sent* = bytes the busiest rank sent over its process-group TCP connections; *RSS* = the largest "
         "rank's peak RSS during the call (rise over the RSS before it). *exact*: every rank's restored tensors "
@@ -776,7 +787,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.ranks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--ranks", default="1,2,4,8", help="world sizes (default 1,2,4,8)")
-    ap.add_argument("--mib", type=float, default=64, help="fp32 parameter MiB (checkpoint ~3x; default 64)")
+    ap.add_argument("--mib", type=float, default=32, help="fp32 parameter MiB (checkpoint ~3x; default 32)")
     ap.add_argument("--layers", type=int, default=8, help="weights of [rows, 1024] the MiB are split into (8)")
     ap.add_argument("--mode", default="ddp,fsdp2", help="ddp, fsdp2 or both (default)")
     ap.add_argument("--target", default="local,s3", help="local, s3 or both (default)")

@@ -58,7 +58,7 @@ def test_ranks_benchmark_local_records_exact_restores(tmp_path: Path) -> None:
             (rnd,) = variant["rounds"]
             assert len(rnd["rank_seconds"]) == r["world"] and rnd["seconds"] == max(rnd["rank_seconds"])
             assert rnd["exact"] is True and variant["summary"]["exact"] is True
-            assert rnd["equal_before"] == 0  # the fresh model differed in every tensor before the restore
+            assert rnd["equal_before"] == 0  # the re-initialised model differed in every element before
             # Every rank compared every byte it holds: DDP the whole state; FSDP2 its shards (together the whole
             # state once) and its own copy of every 0-dim step.
             want = r["world"] * full if r["mode"] == "ddp" else full + (r["world"] - 1) * 4 * r["layers"]
