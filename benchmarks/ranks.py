@@ -434,6 +434,10 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
             res, m_save = op.run(functools.partial(saver.save, step, save_state))
             m_save["nbytes"] = res.nbytes
             rec: dict[str, Any] = {"step": step, "save": m_save, "restore": {}}
+            if rank == 0:  # shard file names carry the save's id: each step has its own
+                man = saver.manifest(step)
+                rec["ckpt_files"] = dict(man.files)
+                rec["ckpt_tensor_bytes"] = man.nbytes
             order = list(job["read_once"]) if r % 2 == 0 else list(reversed(job["read_once"]))
             for ro in order:
                 t_phase = time.perf_counter()
@@ -471,10 +475,6 @@ def _rank_body(rank: int, job: dict[str, Any]) -> dict[str, Any]:
                 del target, got
             rounds.append(rec)
         out: dict[str, Any] = {"rounds": rounds, "local_tensor_bytes": sum(_raw(t).numel() for t in want.values())}
-        if rank == 0:
-            man = saver.manifest(1)
-            out["ckpt_files"] = dict(man.files)
-            out["ckpt_tensor_bytes"] = man.nbytes
         t_phase = time.perf_counter()
         for mgr in (saver, *mgrs.values()):
             mgr.close()
@@ -587,15 +587,17 @@ def _opt_sum(xs: list[Any]) -> Any:
 
 def aggregate(job: dict[str, Any], ranks: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     """Per round: job times (slowest rank), sums over ranks; then medians over rounds."""
-    files: dict[str, int] = ranks[0]["ckpt_files"]
-    ckpt_bytes = sum(files.values())
-    payload = int(ranks[0]["ckpt_tensor_bytes"])  # the tensor bytes: what a restore of the whole step must read
+    first = ranks[0]["rounds"][0]
+    ckpt_bytes = sum(first["ckpt_files"].values())
+    payload = int(first["ckpt_tensor_bytes"])  # the tensor bytes: what a restore of the whole step must read
     nrounds = len(ranks[0]["rounds"])
 
     def per_op(get: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         rounds = []
         for i in range(nrounds):
             ms = [get(rk["rounds"][i]) for rk in ranks]
+            files: dict[str, int] = ranks[0]["rounds"][i]["ckpt_files"]  # this round's step
+            r_files, r_payload = sum(files.values()), int(ranks[0]["rounds"][i]["ckpt_tensor_bytes"])
             rec: dict[str, Any] = {
                 "seconds": max(m["seconds"] for m in ms),
                 "rank_seconds": [m["seconds"] for m in ms],
@@ -629,8 +631,8 @@ def aggregate(job: dict[str, Any], ranks: list[dict[str, Any]], wall: float) -> 
                     gets=by_op.get("GetObject", 0),
                     get_bytes_shards=shard_get,
                     get_bytes_other=other_get,
-                    get_x_ckpt=shard_get / payload if payload else None,
-                    get_x_files=shard_get / ckpt_bytes if ckpt_bytes else None,
+                    get_x_ckpt=shard_get / r_payload if r_payload else None,
+                    get_x_files=shard_get / r_files if r_files else None,
                 )
             rounds.append(rec)
         summary: dict[str, Any] = {"seconds": _stats([r["seconds"] for r in rounds])}
@@ -653,7 +655,7 @@ def aggregate(job: dict[str, Any], ranks: list[dict[str, Any]], wall: float) -> 
         "layers": job["layers"],
         "rows": job["rows"],
         "ckpt_bytes": ckpt_bytes,
-        "ckpt_files": len(files),
+        "ckpt_files": len(first["ckpt_files"]),
         "tensor_bytes": payload,
         "local_tensor_bytes_max": max(rk["local_tensor_bytes"] for rk in ranks),
         "job_wall_seconds": wall,

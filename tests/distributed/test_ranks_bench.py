@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _run(tmp_path: Path, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess[str], Path]:
     out = tmp_path / "res" / "ranks.json"
     cmd = [sys.executable, "-m", "benchmarks.ranks", "--mib", "0.5", "--layers", "2", "--rounds", "1"]
-    cmd += ["--out", str(out), "--dir", str(tmp_path / "data"), "--timeout", "200", *args]
+    cmd += ["--out", str(out), "--dir", str(tmp_path / "data"), "--timeout", "200", *args]  # a later --rounds wins
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     return proc, out
 
@@ -85,17 +85,21 @@ def test_ranks_benchmark_fails_when_a_restored_byte_differs(tmp_path: Path) -> N
 @pytest.mark.s3
 @pytest.mark.timeout(300)
 def test_ranks_benchmark_s3_counts_get_bytes_per_job(tmp_path: Path) -> None:
-    proc, out = _run(tmp_path, "--ranks", "2", "--mode", "ddp", "--target", "s3")
+    # Two rounds: each restores its own step, whose shard files have other names than the first step's.
+    proc, out = _run(tmp_path, "--ranks", "2", "--mode", "ddp", "--target", "s3", "--rounds", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (r,) = json.loads(out.read_text())["results"]
-    once, direct = (r["restore"][k]["rounds"][0] for k in ("true", "false"))
-    assert once["exact"] and direct["exact"]
-    # Read once: every stored tensor byte once per job; every rank reading for itself: twice.
-    assert once["get_bytes_shards"] == r["tensor_bytes"] and math.isclose(once["get_x_ckpt"], 1.0)
-    assert direct["get_bytes_shards"] == 2 * r["tensor_bytes"] and math.isclose(direct["get_x_ckpt"], 2.0)
     assert r["ckpt_bytes"] > r["tensor_bytes"]  # the shard files also hold their headers (not read on restore)
-    assert once["gets"] == once["requests_by_op"]["GetObject"] > 0
-    assert r["save"]["rounds"][0]["requests_by_op"].get("PutObject", 0) > 0
+    for i in range(2):
+        once, direct = (r["restore"][k]["rounds"][i] for k in ("true", "false"))
+        assert once["exact"] and direct["exact"]
+        # Read once: every stored tensor byte once per job; every rank reading for itself: twice.
+        assert once["get_bytes_shards"] == r["tensor_bytes"] and math.isclose(once["get_x_ckpt"], 1.0)
+        assert direct["get_bytes_shards"] == 2 * r["tensor_bytes"] and math.isclose(direct["get_x_ckpt"], 2.0)
+        assert 0 < once["get_bytes_other"] < r["tensor_bytes"]  # manifests only
+        assert once["gets"] == once["requests_by_op"]["GetObject"] > 0
+        assert r["save"]["rounds"][i]["requests_by_op"].get("PutObject", 0) > 0
+    assert math.isclose(r["restore"]["true"]["summary"]["get_x_ckpt"], 1.0)
     assert "| ddp | 2 |" in out.with_suffix(".md").read_text()
 
 
