@@ -44,15 +44,12 @@ Results: a markdown table printed and written next to ``--out`` (``benchmarks/re
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
 import functools
 import gc
 import json
-import multiprocessing as mp
 import os
 import platform
-import signal
 import socket
 import statistics
 import struct
@@ -70,6 +67,7 @@ import torch
 
 from ckptstore.errors import CheckpointError, ConfigError, IntegrityError
 
+from .w4_dist import _die_with_parent, _free_port, fork_ranks
 from .workloads import LayerStack, MiB, adamw_one_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -334,13 +332,6 @@ def view(model: Any, optim: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
 
 
 # -- one rank ---------------------------------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class _Op:
     """Measure one operation on this rank: wall time, collectives, TCP bytes sent, RSS, S3 requests/bytes."""
 
@@ -504,12 +495,6 @@ def _rank_main(rank: int, job: dict[str, Any], conn: Any) -> None:
 
 
 # -- one job: N ranks -------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 _ERRORS: dict[str, type[CheckpointError]] = {"IntegrityError": IntegrityError, "ConfigError": ConfigError}
 
 
@@ -533,32 +518,8 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     """Fork ``job["world"]`` ranks, run them, return each rank's result; raise a typed error if any failed."""
     world = int(job["world"])
     job = {**job, "port": _free_port()}
-    ctx = mp.get_context("fork")  # this process imported torch/ckptstore and runs no threads: ranks start at once
-    conns, procs = [], []
-    for rank in range(world):
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_rank_main, args=(rank, job, child), name=f"ranks-bench-{rank}")
-        p.start()
-        child.close()
-        conns.append(parent)
-        procs.append(p)
-    results: list[dict[str, Any]] = []
-    deadline = time.monotonic() + float(job["timeout"])
-    try:
-        for rank, conn in enumerate(conns):
-            try:
-                if conn.poll(max(0.0, deadline - time.monotonic())):
-                    results.append(conn.recv())
-                else:
-                    results.append({"error": f"rank {rank} gave no result within {job['timeout']} s"})
-            except EOFError:
-                results.append({"error": f"rank {rank} died without a result (exit code {procs[rank].exitcode})"})
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():  # our own child, by its handle
-                p.kill()
-                p.join()
+    # this process imported torch/ckptstore and runs no threads: forked ranks start at once
+    results = fork_ranks(world, lambda rank: (rank, job), _rank_main, float(job["timeout"]), "ranks-bench-")
     failed = [(i, r) for i, r in enumerate(results) if "error" in r]
     if failed:
         msg = "; ".join(f"rank {i}: {r['error']}" for i, r in failed)

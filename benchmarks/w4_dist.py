@@ -28,6 +28,7 @@ import signal
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,6 +54,43 @@ def _die_with_parent() -> None:
         pass
 
 
+def fork_ranks(
+    world: int, args_of: Callable[[int], tuple], target: Callable[..., None], timeout: float, name: str
+) -> list[dict[str, Any]]:
+    """Fork ``world`` ranks running ``target(*args_of(rank), conn)`` and collect each one's result dict from
+    its pipe (``{"error": ...}`` for a rank that gave none within ``timeout`` or died); every rank is joined,
+    and killed by its handle if it outlives the collection."""
+    # fork: the ranks start in milliseconds from this process, which already imported torch/ckptstore/DCP and
+    # runs no threads yet (the rendezvous store lives in rank 0, not here).
+    ctx = mp.get_context("fork")
+    conns, procs = [], []
+    for rank in range(world):
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=target, args=(*args_of(rank), child), name=f"{name}{rank}")
+        p.start()
+        child.close()
+        conns.append(parent)
+        procs.append(p)
+    results: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        for rank, conn in enumerate(conns):
+            try:
+                if conn.poll(max(0.0, deadline - time.monotonic())):
+                    results.append(conn.recv())
+                else:
+                    results.append({"error": f"rank {rank} gave no result within {timeout:.0f} s"})
+            except EOFError:
+                results.append({"error": f"rank {rank} died without a result (exit code {procs[rank].exitcode})"})
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():  # our own child, by its handle
+                p.kill()
+                p.join()
+    return results
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     spec = WorkloadSpec(**job["workload"])
     c = make_contender(job["contender"])
@@ -70,34 +108,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 def _save_on_ranks(job: dict[str, Any]) -> dict[str, Any]:
     port = _free_port()
     timeout = float(job.get("timeout", 1200.0))
-    # fork: the ranks start in milliseconds from this process, which already imported torch/ckptstore/DCP and
-    # runs no threads yet (the rendezvous store lives in rank 0, not here).
-    ctx = mp.get_context("fork")
-    conns, procs = [], []
-    for rank in range(WORLD):
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_rank_main, args=(rank, port, job, child, timeout), name=f"ckpt-bench-rank{rank}")
-        p.start()
-        child.close()
-        conns.append(parent)
-        procs.append(p)
-    results: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    try:
-        for rank, conn in enumerate(conns):
-            try:
-                if conn.poll(max(0.0, deadline - time.monotonic())):
-                    results.append(conn.recv())
-                else:
-                    results.append({"error": f"rank {rank} timed out"})
-            except EOFError:
-                results.append({"error": f"rank {rank} died without a result (exit code {procs[rank].exitcode})"})
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():  # our own child, by its handle
-                p.kill()
-                p.join()
+    results = fork_ranks(WORLD, lambda rank: (rank, port, job, timeout), _rank_main, timeout, "ckpt-bench-rank")
     errors = [f"rank {i}: {r['error']}" for i, r in enumerate(results) if "error" in r]
     if errors:
         tb = "\n".join(r.get("traceback", "") for r in results)
@@ -125,7 +136,7 @@ def _save_on_ranks(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _rank_main(rank: int, port: int, job: dict[str, Any], conn: Any, timeout: float) -> None:
+def _rank_main(rank: int, port: int, job: dict[str, Any], timeout: float, conn: Any) -> None:
     _die_with_parent()
     try:
         res = _rank_save(rank, port, job, timeout)

@@ -445,28 +445,7 @@ def per_rank_keys(tree: Any) -> set[str]:
 
 def merge_trees(trees: Sequence[Any]) -> Any:
     """Rank 0's tree, with every rank's ``per_rank`` subtrees merged in (the tree a multi-rank manifest stores)."""
-    base = trees[0]
-    if len(trees) == 1:
-        return base
-
-    def merge(a: Any, others: list[Any]) -> Any:
-        if not isinstance(a, dict):
-            return a
-        t = a.get("t")
-        if t == "per_rank":
-            merged = dict(a["v"])
-            for o in others:
-                if isinstance(o, dict) and o.get("t") == "per_rank":
-                    merged.update(o["v"])
-            return {"t": "per_rank", "v": dict(sorted(merged.items(), key=lambda kv: int(kv[0])))}
-        if t in ("dict", "list", "tuple"):
-            kids = [o.get("v", []) if isinstance(o, dict) else [] for o in others]
-            return {**a, "v": [merge(v, [k[i] for k in kids if i < len(k)]) for i, v in enumerate(a["v"])]}
-        if t == "stateful":
-            return {**a, "v": merge(a["v"], [o.get("v") for o in others if isinstance(o, dict)])}
-        return a
-
-    return merge(base, list(trees[1:]))
+    return merge_per_rank(trees[0], [per_rank_values(t) for t in trees[1:]])
 
 
 def per_rank_values(tree: Any) -> list[dict[str, Any]]:
@@ -492,7 +471,7 @@ def per_rank_values(tree: Any) -> list[dict[str, Any]]:
 
 def merge_per_rank(base: Any, others: Sequence[Sequence[dict[str, Any]]]) -> Any:
     """``base`` (rank 0's tree) with the other ranks' :func:`per_rank_values` merged into its ``per_rank``
-    nodes, node by node in walk order (what :func:`merge_trees` gives for trees of the same structure)."""
+    nodes, node by node in walk order."""
     if not others:
         return base
     i = 0
